@@ -1,0 +1,36 @@
+"""One error type for bad input, so every command can print it as one line and exit 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FilterdError(Exception):
+    """Bad input from a person: a config, list, timetable, CSV file or argument.
+
+    It names where the problem is (file, line, field) so ICT can fix it without a traceback.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = str(file) if file is not None else None
+        self.line = line
+        self.field = field
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = self.file
+            if self.line is not None:
+                where += f":{self.line}"
+            where += ": "
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}{field}{self.message}"
