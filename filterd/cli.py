@@ -1,0 +1,280 @@
+"""The ``filterd`` command line: a click group, one command per task, each with an example.
+
+Bad input (config, files, arguments) ends with a one-line reason on stderr and exit status 1,
+never a traceback: every command body runs inside ``errors_as_exit``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+from zoneinfo import ZoneInfo
+
+import click
+
+from filterd import __version__
+from filterd import config as config_mod
+from filterd.errors import FilterdError
+
+
+class Context:
+    """What every command shares: the ``-c`` path, loaded on first use."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._config: config_mod.Config | None = None
+
+    @property
+    def config(self) -> config_mod.Config:
+        if self._config is None:
+            self._config = config_mod.load(self.config_path)
+        return self._config
+
+    def pipeline(self):
+        from filterd import identify, pipeline
+
+        leases = identify.LeaseTable()
+        built = pipeline.build(self.config, leases=leases)
+        db = self.config.data_path("storage", "path")
+        if db.exists():
+            with self.store() as store:
+                leases.replace(identify.Lease(mac=r["mac"], ip=r["ip"], hostname=r["hostname"],
+                                              user=r["user"], start=r["start"], expires=r["expires"])
+                               for r in store.leases())
+        return built
+
+    def tz(self) -> ZoneInfo:
+        from filterd import window
+
+        path = self.config.path("timetable", "path")
+        return window.load_timetable(path).tz if path else ZoneInfo("Europe/London")
+
+    @contextmanager
+    def store(self):
+        from filterd.pipeline import data_dir_ready
+        from filterd.record import Store
+
+        data_dir_ready(self.config.data_dir)
+        store = Store(self.config.data_path("storage", "path")).open()
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@contextmanager
+def errors_as_exit() -> Iterator[None]:
+    """Turn bad input into one line on stderr and exit status 1."""
+    try:
+        yield
+    except FilterdError as exc:
+        click.echo(f"filterd: {exc}", err=True)
+        sys.exit(1)
+    except (OSError, ValueError) as exc:
+        click.echo(f"filterd: {exc}", err=True)
+        sys.exit(1)
+
+
+def parse_time(value: str | None, tz: ZoneInfo, option: str) -> datetime | None:
+    """ISO-8601 from the command line; a time without an offset is school-local time."""
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise FilterdError(f"not an ISO-8601 time: {value!r} (e.g. 2026-11-25T10:15)", field=option) from None
+    return at if at.tzinfo else at.replace(tzinfo=tz)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="filterd")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="FILTERD_CONFIG",
+              help="Config file (default: the embedded config/filterd.toml).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """filterd: a web-filter monitoring daemon for a school's internet gateway.
+
+    \b
+    Example:
+        filterd -c /etc/filterd/filterd.toml run
+    """
+    ctx.obj = Context(config_path)
+
+
+@cli.command()
+@pass_ctx
+def run(ctx: Context) -> None:
+    """Run the daemon: the proxy, the filterd addon and the scheduler.
+
+    \b
+    Example:
+        filterd run                    # embedded default: proxy on 127.0.0.1:8080
+        filterd -c /etc/filterd/filterd.toml run
+    """
+    with errors_as_exit():
+        from filterd import daemon
+
+        daemon.run(ctx.config_path)
+
+
+@cli.command()
+@click.argument("urls", nargs=-1, required=True)
+@click.option("--user", help="Who is asking (a users.csv name, as if authenticated).")
+@click.option("--ip", help="The client address (for networks and leases).")
+@click.option("--at", "at", help="When (ISO-8601; without an offset: school time). Default: now.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line (JSON Lines).")
+@pass_ctx
+def check(ctx: Context, urls: tuple[str, ...], user: str | None, ip: str | None, at: str | None,
+          as_json: bool) -> None:
+    """What filterd would do with each URL, without sending it; '-' reads URLs from stdin.
+
+    \b
+    Example:
+        filterd check https://www.facebook.com/ --user jsmith --at 2026-11-25T10:15
+        cat urls.txt | filterd check - --json
+    """
+    with errors_as_exit():
+        pipeline = ctx.pipeline()
+        tz = pipeline.timetable.tz if pipeline.timetable else ZoneInfo("Europe/London")
+        when = parse_time(at, tz, "--at") or datetime.now(timezone.utc)
+        failed = 0
+        for url in _each_url(urls):
+            try:
+                verdict = pipeline.request(url, ip=ip, user=user, at=when)
+            except ValueError as exc:
+                failed += 1
+                if as_json:
+                    click.echo(json.dumps({"url": url, "error": str(exc)}))
+                else:
+                    click.echo(f"filterd: {url}: {exc}", err=True)
+                continue
+            row = {
+                "url": url, "canonical_url": verdict.what.url, "host": verdict.what.host,
+                "categories": list(verdict.what.categories),
+                "matches": [{"list": m.list, "category": m.category, "entry": m.entry}
+                            for m in verdict.what.matches],
+                "user": verdict.who.user, "role": verdict.who.role, "ip": verdict.who.ip,
+                "device": verdict.who.device, "time": verdict.time.astimezone(tz).isoformat(),
+                "window": verdict.window, "action": verdict.action, "alert": verdict.alert,
+                "rule": verdict.rule,
+            }
+            if as_json:
+                click.echo(json.dumps(row))
+            else:
+                cats = ",".join(row["categories"]) or "-"
+                click.echo(f"{row['action']:<5} {'ALERT ' if row['alert'] else ''}{url}  host={row['host']} "
+                           f"categories={cats} rule={row['rule'] or '-'} user={row['user'] or '-'} "
+                           f"role={row['role'] or '-'} window={row['window']}")
+        if failed:
+            sys.exit(1)
+
+
+def _each_url(urls: tuple[str, ...]) -> Iterator[str]:
+    for url in urls:
+        if url == "-":
+            for line in sys.stdin:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield line
+        else:
+            yield url
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@pass_ctx
+def config_check(ctx: Context) -> None:
+    """Validate the config and everything it points at (lists, users, timetable, rules).
+
+    \b
+    Example:
+        filterd -c /etc/filterd/filterd.toml config check
+    """
+    with errors_as_exit():
+        config = ctx.config
+        pipeline = ctx.pipeline()
+        skipped = sum(l.skipped for l in pipeline.classifier.lists)
+        entries = sum(l.entries for l in pipeline.classifier.lists)
+        click.echo(f"{config.file}: OK")
+        click.echo(f"  lists: {len(config.lists)} ({entries} entries, {skipped} lines skipped"
+                   f"{' - see filterd lists' if skipped else ''})")
+        click.echo(f"  rules: {len(config.rules)}; timetable: {config.path('timetable', 'path') or 'none'}; "
+                   f"users: {config.path('identity', 'users') or 'none'}")
+        click.echo(f"  data folder: {config.data_dir}")
+
+
+@cli.command("lists")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines.")
+@click.option("--skips", is_flag=True, help="Also print every skipped line with its file and line number.")
+@pass_ctx
+def lists_cmd(ctx: Context, as_json: bool, skips: bool) -> None:
+    """Per list: entries, skipped lines, category, source and load time.
+
+    \b
+    Example:
+        filterd lists --skips
+    """
+    with errors_as_exit():
+        pipeline = ctx.pipeline()
+        for st in pipeline.classifier.lists:
+            if as_json:
+                click.echo(json.dumps({"name": st.name, "category": st.category, "source": str(st.source),
+                                       "format": st.format, "entries": st.entries, "skipped": st.skipped,
+                                       "load_seconds": round(st.load_seconds, 4)}))
+            else:
+                click.echo(f"{st.name:<32} {st.category:<20} {st.entries:>9} entries {st.skipped:>6} skipped "
+                           f"{st.load_seconds * 1000:8.1f} ms  {st.format:<10} {st.source}")
+            if skips:
+                for skip in st.skips:
+                    click.echo(f"  {skip.file}:{skip.line}: {skip.reason}: {skip.text!r}", err=as_json)
+
+
+@cli.command()
+@click.option("--since", help="From this time (ISO-8601).")
+@click.option("--until", help="Up to this time (ISO-8601).")
+@click.option("--user", help="Only this user.")
+@click.option("--kind", help="block, alert, usage or bypass.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines.")
+@pass_ctx
+def events(ctx: Context, since: str | None, until: str | None, user: str | None, kind: str | None,
+           limit: int | None, as_json: bool) -> None:
+    """What was recorded: blocks, alerts, bypass attempts and usage minutes.
+
+    \b
+    Example:
+        filterd events --since 2026-11-23 --kind block
+        filterd events --user jsmith --json | jq .host
+    """
+    with errors_as_exit():
+        tz = ctx.tz()
+        if kind is not None and kind not in ("block", "alert", "usage", "bypass"):
+            raise FilterdError(f"unknown kind {kind!r} (block, alert, usage, bypass)", field="--kind")
+        with ctx.store() as store:
+            rows = store.events(since=parse_time(since, tz, "--since"), until=parse_time(until, tz, "--until"),
+                                user=user, kind=kind, limit=limit)
+        for row in rows:
+            if as_json:
+                click.echo(json.dumps(row, default=str))
+            else:
+                cats = ",".join(row.get("categories") or []) or "-"
+                count = f" x{row['requests']}" if row.get("requests") and row["requests"] > 1 else ""
+                click.echo(f"{row['time']}  {row['kind']:<6} {row['user'] or '-':<12} {row['ip'] or '-':<15} "
+                           f"{row['action']:<5} {row['host']}{count}  [{cats}] rule={row['rule'] or '-'} "
+                           f"window={row['window']}" + (f" ref={row['ref']}" if row.get("ref") else ""))
+
+
+def main() -> None:
+    """Console script entry point."""
+    cli(prog_name="filterd")
