@@ -39,11 +39,12 @@ bench: .venv/ok-test
 	.venv312/bin/pip install -q -e '.[test]'
 	touch $@
 
-# Headless Chromium (report and block-page screenshots) and systemd-analyze (unit checks).
+# Headless Chromium (report and block-page screenshots) and libpcap (the sensor's BPF filters).
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+	@if ! command -v chromium >/dev/null 2>&1 || ! ldconfig -p | grep -q libpcap.so; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libpcap0.8 >/dev/null; \
+	fi
 
 clean:
 	rm -rf .venv .venv312 .pytest_cache build *.egg-info

@@ -278,3 +278,190 @@ def events(ctx: Context, since: str | None, until: str | None, user: str | None,
 def main() -> None:
     """Console script entry point."""
     cli(prog_name="filterd")
+
+
+@cli.group()
+def timetable() -> None:
+    """Look at the timetable as filterd reads it, and build staff free periods."""
+
+
+@timetable.command("show")
+@click.option("--week", required=True, help="ISO week, e.g. 2026-W48.")
+@click.option("--user", help="Show this member of staff's windows (their free periods).")
+@pass_ctx
+def timetable_show(ctx: Context, week: str, user: str | None) -> None:
+    """Print the week's grid of windows (contact, non_contact, out_of_hours).
+
+    Compare it with the school's real timetable before go-live.
+
+    \b
+    Example:
+        filterd timetable show --week 2026-W48 --user jsmith
+    """
+    with errors_as_exit():
+        from filterd import window
+
+        path = ctx.config.path("timetable", "path")
+        if path is None:
+            raise FilterdError("no timetable configured", file=ctx.config.file, field="timetable.path")
+        click.echo(window.week_grid(window.load_timetable(path), week, user), nl=False)
+
+
+@timetable.command("import")
+@click.argument("csv_file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the [staff.*] tables here (default: stdout).")
+@pass_ctx
+def timetable_import(ctx: Context, csv_file: str, out: str | None) -> None:
+    """Build the staff free periods from a timetable export (one row per lesson taught).
+
+    The CSV has a header with the columns staff, day, period (and optionally week); every
+    period a member of staff does not teach becomes one of their free periods. Paste the
+    output into the timetable file.
+
+    \b
+    Example:
+        filterd timetable import sims-export.csv --out staff.toml
+    """
+    with errors_as_exit():
+        from filterd import identify, window
+
+        tt_path = ctx.config.path("timetable", "path")
+        tt = window.load_timetable(tt_path) if tt_path else None
+        users = ctx.config.path("identity", "users")
+        known = identify.load_users(users).usernames if users else None
+        text = window.import_staff_csv(csv_file, tt, known_users=known)
+        if out:
+            Path(out).write_text(text, encoding="utf-8")
+            click.echo(f"wrote {text.count('[staff.')} staff tables to {out}", err=True)
+        else:
+            click.echo(text, nl=False)
+
+
+@cli.command()
+@click.option("--interface", "-i", help="Capture on this interface (default: [sensor] interface).")
+@click.option("--pcap", type=click.Path(exists=True, dir_okay=False), help="Replay a capture file and exit.")
+@click.option("--stats", "show_stats", is_flag=True, help="Show the running sensor's counters and rates.")
+@pass_ctx
+def sensor(ctx: Context, interface: str | None, pcap: str | None, show_stats: bool) -> None:
+    """The passive gateway sensor: DHCP leases and filter-bypass attempts (needs CAP_NET_RAW).
+
+    \b
+    Example:
+        filterd sensor --interface eth1
+        filterd sensor --pcap capture.pcap
+        filterd sensor --stats
+    """
+    with errors_as_exit():
+        from filterd import sensor as sensor_mod
+
+        if show_stats:
+            click.echo(sensor_mod.format_stats(sensor_mod.read_stats(sensor_mod.stats_path(ctx.config))))
+            return
+        iface = interface or ctx.config.get("sensor", "interface")
+        if not pcap and not iface:
+            raise FilterdError("give --interface or --pcap, or set [sensor] interface", field="--interface")
+        while True:
+            pipeline = ctx.pipeline()
+            with ctx.store() as store:
+                sens = sensor_mod.from_config(
+                    ctx.config, pipeline.request, store,
+                    is_doh=lambda h: "doh" in pipeline.classify(h, host_only=True).categories,
+                    on_lease=pipeline.identifier.leases.add if pipeline.identifier.leases else None)
+                if pcap:
+                    click.echo(sensor_mod.format_stats(sens.replay(pcap)))
+                    return
+                if not sens.sniff(iface):
+                    return
+            ctx._config = None  # SIGHUP: read the config again and capture on
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines.")
+@pass_ctx
+def leases(ctx: Context, as_json: bool) -> None:
+    """The DHCP leases the sensor has seen (mac, ip, hostname, user, seen).
+
+    \b
+    Example:
+        filterd leases --json
+    """
+    with errors_as_exit():
+        from filterd import sensor as sensor_mod
+
+        with ctx.store() as store:
+            rows = store.leases()
+        if as_json:
+            for row in rows:
+                click.echo(json.dumps(row, default=str))
+        else:
+            click.echo(sensor_mod.format_leases(rows), nl=False)
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(dir_okay=False))
+@pass_ctx
+def backup(ctx: Context, dest: str) -> None:
+    """Copy the event store to DEST while the daemon runs (SQLite's online backup).
+
+    \b
+    Example:
+        filterd backup /var/backups/filterd-$(date +%F).db
+    """
+    with errors_as_exit():
+        with ctx.store() as store:
+            store.backup(Path(dest))
+        click.echo(f"backed up {ctx.config.data_path('storage', 'path')} to {dest}")
+
+
+@cli.command()
+@click.option("--user", required=True, help="The person (users.csv name) the request is about.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the JSON and CSV files (default: .).")
+@pass_ctx
+def export(ctx: Context, user: str, out: str | None) -> None:
+    """Everything held about one person, as JSON and CSV (a subject access request).
+
+    \b
+    Example:
+        filterd export --user jsmith --out sar-jsmith/
+    """
+    with errors_as_exit():
+        import csv
+
+        with ctx.store() as store:
+            data = store.export_user(user)
+        folder = Path(out or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"filterd-export-{user}"
+        (folder / f"{stem}.json").write_text(json.dumps({"user": user, **data}, indent=2, default=str))
+        written = [folder / f"{stem}.json"]
+        for table, rows in data.items():
+            if not rows:
+                continue
+            path = folder / f"{stem}-{table}.csv"
+            with path.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                                  for k, v in row.items()} for row in rows)
+            written.append(path)
+        counts = ", ".join(f"{len(rows)} {table}" for table, rows in data.items())
+        click.echo(f"{user}: {counts}; wrote " + ", ".join(str(p) for p in written))
+
+
+@cli.command()
+@click.option("--user", required=True, help="The person whose records are deleted.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def purge(ctx: Context, user: str, yes: bool) -> None:
+    """Delete everything held about one person (events, usage, alerts, leases).
+
+    \b
+    Example:
+        filterd purge --user jsmith --yes
+    """
+    with errors_as_exit():
+        if not yes:
+            click.confirm(f"Delete every record about {user}?", abort=True)
+        with ctx.store() as store:
+            counts = store.purge_user(user)
+        click.echo(f"{user}: deleted " + ", ".join(f"{n} {table}" for table, n in counts.items()))

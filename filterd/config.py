@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from filterd.detect import DEFAULT_DOH_HOSTS
 from filterd.errors import FilterdError
 from filterd.resources import shipped
 from filterd.verdict import ACTIONS, WINDOWS
@@ -99,6 +100,11 @@ OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
         "proxy_addresses": ("list[str]", []),
         "dedupe_seconds": (int, 60),
         "stats_file": (str, "sensor-stats.json"),
+        "stats_seconds": (float, 5.0),
+        "school_networks": ("list[str]", []),
+        "intercepted_ports": ("list[int]", []),
+        "doh_hosts": ("list[str]", list(DEFAULT_DOH_HOSTS)),
+        "bpf": (str, ""),
     },
 }
 ARRAY_TABLES = {"lists", "rules"}
@@ -210,13 +216,15 @@ def parse(raw: dict[str, Any], *, file: Path, text: str = "") -> Config:
         raise fail("storage.batch_size", "batch_size and flush_seconds must be positive")
     if sections["schedule"]["dispatch_seconds"] < 1:
         raise fail("schedule.dispatch_seconds", "must be at least 1")
-    if not re.fullmatch(r"(mon|tue|wed|thu|fri|sat|sun) \d\d:\d\d", sections["schedule"]["weekly_report"]):
-        raise fail("schedule.weekly_report", 'must look like "mon 07:00"')
-    for key in ("purge_time",):
-        if not re.fullmatch(r"\d\d:\d\d", sections["schedule"][key]):
-            raise fail(f"schedule.{key}", 'must look like "02:30"')
-    if sections["schedule"]["daily_digest"] and not re.fullmatch(r"\d\d:\d\d", sections["schedule"]["daily_digest"]):
-        raise fail("schedule.daily_digest", 'must be empty or look like "16:00"')
+    schedule = sections["schedule"]
+    if schedule["weekly_report"] and not re.fullmatch(r"(mon|tue|wed|thu|fri|sat|sun) ([01]\d|2[0-3]):[0-5]\d",
+                                                      schedule["weekly_report"]):
+        raise fail("schedule.weekly_report", 'must be empty (off) or look like "mon 07:00"')
+    for key in ("purge_time", "daily_digest"):
+        if schedule[key] and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", schedule[key]):
+            raise fail(f"schedule.{key}", 'must be empty (off) or look like "16:00"')
+    if schedule["list_refresh_hours"] < 0:
+        raise fail("schedule.list_refresh_hours", "must be 0 (off) or more")
     for key in ("ict", "pastoral"):
         for address in sections["mail"][key]:
             if "@" not in address or any(c in address for c in "\r\n <>,"):
@@ -242,10 +250,19 @@ def parse(raw: dict[str, Any], *, file: Path, text: str = "") -> Config:
         if value and not value.startswith("credential:") and not resolve(base, value).is_file():
             raise fail(f"{section}.{key}", f"file not found: {resolve(base, value)}")
     auth = proxy["auth"]
+    if auth.startswith("ldap") and mitmproxy_version() < (12, 2, 2):
+        raise fail("proxy.auth", "LDAP proxy authentication needs mitmproxy 12.2.2 or later (older versions "
+                   "allow LDAP injection, CVE-2026-40606); use an htpasswd file on this Python")
     if auth.startswith("@") and not resolve(base, auth[1:]).is_file():
         raise fail("proxy.auth", f"htpasswd file not found: {resolve(base, auth[1:])}")
     return Config(file=file, sections=sections, lists=lists, categories=categories,
                   networks=networks, rules=tuple(rules), data_dir=data_dir, text=text)
+
+
+def mitmproxy_version() -> tuple[int, ...]:
+    from mitmproxy.version import VERSION
+
+    return tuple(int(p) for p in re.findall(r"\d+", VERSION)[:3])
 
 
 def check_type(value: Any, kind: Any, fail) -> Any:
@@ -253,6 +270,10 @@ def check_type(value: Any, kind: Any, fail) -> Any:
     if kind == "list[str]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise fail("must be a list of strings")
+        return list(value)
+    if kind == "list[int]":
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise fail("must be a list of whole numbers")
         return list(value)
     if kind == "str|list[str]":
         if isinstance(value, str):
@@ -287,7 +308,9 @@ def parse_lists(raw: Any, base: Path, fail) -> tuple[ListConfig, ...]:
                   for k, v in table.items()}
         path = resolve(base, values["path"])
         fmt = values.get("format", "squidguard" if path.is_dir() else "domains")
-        name = values.get("name") or f"{values['category']}:{Path(values['path']).name}"
+        name = values.get("name") or values["category"]
+        if name in names and not values.get("name"):
+            name = f"{values['category']}:{Path(values['path']).name}"
         if name in names:
             raise fail(f"{where}.name", f"two lists are called {name!r}; give one a name")
         names.add(name)

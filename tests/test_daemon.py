@@ -48,7 +48,9 @@ def test_logged_request_passes_and_is_recorded_as_usage(proxy: Filterd, upstream
     for _ in range(3):
         status, _, body = proxy.get(f"http://127.0.0.2:{upstreams.http_port}/feed")
         assert status == 200 and body == b"upstream ok /feed"
-    rows = wait_for(lambda: proxy.rows("SELECT * FROM usage WHERE host = '127.0.0.2'"))
+    usage = "SELECT * FROM usage WHERE host = '127.0.0.2'"
+    wait_for(lambda: sum(r["requests"] for r in proxy.rows(usage)) >= 3)
+    rows = proxy.rows(usage)
     assert sum(r["requests"] for r in rows) == 3
     assert rows[0]["action"] == "log" and rows[0]["rule"] == "social"
 
@@ -175,12 +177,12 @@ def test_sighup_with_a_broken_config_keeps_the_last_good_state(tmp_path: Path, u
     try:
         good = f.config.read_text()
         f.config.write_text(good + "\n[[rules]]\nname = 'x'\naction = 'explode'\n")
-        f.signal(signal.SIGHUP)
+        f.send(signal.SIGHUP)
         assert wait_for(lambda: "keeping the last good state" in f.stderr())
         assert f.get("http://terror.invalid/")[0] == 403
         (f.root / "lists" / "terrorism").write_text("terror.invalid\nnewly-listed.invalid\n")
         f.config.write_text(good)
-        f.signal(signal.SIGHUP)
+        f.send(signal.SIGHUP)
         assert wait_for(lambda: "reloaded" in f.stderr())
         assert f.get("http://newly-listed.invalid/")[0] == 403
         assert f.proc.poll() is None
