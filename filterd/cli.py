@@ -465,3 +465,55 @@ def purge(ctx: Context, user: str, yes: bool) -> None:
         with ctx.store() as store:
             counts = store.purge_user(user)
         click.echo(f"{user}: deleted " + ", ".join(f"{n} {table}" for table, n in counts.items()))
+
+
+@cli.command("alerts")
+@click.option("--pending", is_flag=True, help="Only alerts not yet delivered.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines.")
+@pass_ctx
+def alerts_cmd(ctx: Context, pending: bool, as_json: bool) -> None:
+    """ICT alerts and their delivery state (pending, sent, grouped, failed).
+
+    \b
+    Example:
+        filterd alerts --pending
+    """
+    with errors_as_exit():
+        tz = ctx.tz()
+        with ctx.store() as store:
+            rows = store.alerts(pending_only=pending)
+        for row in rows:
+            if as_json:
+                click.echo(json.dumps(row, default=str))
+                continue
+            created = datetime.fromtimestamp(row["created"], tz).isoformat(timespec="seconds") \
+                if isinstance(row.get("created"), (int, float)) else row.get("created")
+            click.echo(f"{created}  {row['state']:<8} attempts={row.get('attempts', 0)} ref={row['event_ref']} "
+                       f"{row.get('user') or '-'} {row.get('host') or '-'} rule={row.get('rule') or '-'}"
+                       + (f"  last error: {row['last_error']}" if row.get("last_error") else ""))
+
+
+@cli.group("mail")
+def mail_group() -> None:
+    """Check the mail set-up."""
+
+
+@mail_group.command("test")
+@click.option("--to", multiple=True, help="Recipient (default: [mail] ict).")
+@pass_ctx
+def mail_test_cmd(ctx: Context, to: tuple[str, ...]) -> None:
+    """Send a test message and show how the SMTP conversation went (credentials hidden).
+
+    \b
+    Example:
+        filterd mail test --to ict@school.example
+    """
+    with errors_as_exit():
+        from filterd import jobs, mail
+
+        config = ctx.config
+        transcript = mail.mail_test(jobs.transport(config), config.get("mail", "from"),
+                                    list(to) or config.get("mail", "ict"))
+        click.echo(transcript, nl=False)
+        if transcript.rstrip().splitlines()[-1].startswith("FAILED"):
+            sys.exit(1)
