@@ -366,7 +366,8 @@ def build_digest(store, day: date, *, tz: ZoneInfo, sender: str, to: Sequence[st
     """
     start = datetime.combine(day, datetime.min.time(), tzinfo=tz)
     end = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=tz)
-    rows = [r for r in store.events(since=start, until=end) if r["kind"] != "usage"]
+    rows = sorted((r for kind in ("block", "alert", "bypass") for r in store.events(since=start, until=end, kind=kind)),
+                  key=lambda r: r["ts"])
     if not rows:
         return None
     counts: dict[str, int] = {}

@@ -59,7 +59,7 @@ class Context:
         from filterd.record import Store
 
         data_dir_ready(self.config.data_dir)
-        store = Store(self.config.data_path("storage", "path")).open()
+        store = Store(self.config.data_path("storage", "path"), tz=self.tz()).open()
         try:
             yield store
         finally:

@@ -112,7 +112,7 @@ class Daemon:
         storage = self.config.sections["storage"]
         self.store = Store(self.config.data_path("storage", "path"), batch_size=storage["batch_size"],
                            flush_seconds=storage["flush_seconds"],
-                           record_allowed=storage["record_allowed"])
+                           record_allowed=storage["record_allowed"], tz=self.tz)
         self.addon = addon_mod.FilterdAddon(self.pipeline, self.store, settings(self.config, self.tz))
         self.master: DumpMaster | None = None
         self.scheduler = None
