@@ -517,3 +517,81 @@ def mail_test_cmd(ctx: Context, to: tuple[str, ...]) -> None:
         click.echo(transcript, nl=False)
         if transcript.rstrip().splitlines()[-1].startswith("FAILED"):
             sys.exit(1)
+
+
+@cli.group("import")
+def import_group() -> None:
+    """Replay logs from another proxy through filterd's stages."""
+
+
+@import_group.command("squid-log")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@pass_ctx
+def import_squid_log(ctx: Context, file: str) -> None:
+    """Replay a Squid native access.log through identify, classify, window, decide and record.
+
+    Each line is judged at its own time; malformed lines are skipped and counted with their
+    line numbers; importing the same file again (or after it grew) counts nothing twice.
+
+    \b
+    Example:
+        filterd import squid-log /var/log/squid/access.log
+    """
+    with errors_as_exit():
+        from filterd import squidlog
+
+        pipeline = ctx.pipeline()
+        with ctx.store() as store:
+            stats = squidlog.import_log(Path(file), pipeline.request, store, progress=True, tz=ctx.tz())
+        click.echo(stats.summary())
+
+
+@cli.group("report")
+def report_group() -> None:
+    """The weekly usage report for pastoral staff."""
+
+
+@report_group.command("weekly")
+@click.option("--week", help="ISO week, e.g. 2026-W47 (default: last week).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write into (default: the archive).")
+@click.option("--send", is_flag=True, help="Also mail it to [mail] pastoral.")
+@pass_ctx
+def report_weekly(ctx: Context, week: str | None, out: str | None, send: bool) -> None:
+    """Write weekly-YYYY-Www.html, .txt and .csv (and with --send, mail them).
+
+    \b
+    Example:
+        filterd report weekly --week 2026-W47 --out /tmp/reports
+    """
+    with errors_as_exit():
+        from filterd import identify, jobs, report
+
+        config, tz = ctx.config, ctx.tz()
+        week = week or report.previous_week(datetime.now(tz), tz)
+        report.parse_week(week)
+        users = config.path("identity", "users")
+        directory = identify.load_users(users) if users else None
+        db = config.data_path("storage", "path")
+        if not db.exists():
+            with ctx.store():
+                pass  # an empty store: the report says there was nothing
+        for path in jobs.weekly_report(config, db, directory, tz, week, send=send,
+                                       out=Path(out) if out else None):
+            click.echo(str(path))
+
+
+@report_group.command("list")
+@pass_ctx
+def report_list(ctx: Context) -> None:
+    """The archived weekly reports, newest first, and when each was mailed.
+
+    \b
+    Example:
+        filterd report list
+    """
+    with errors_as_exit():
+        from filterd import jobs, report
+
+        for item in report.list_reports(jobs.archive_dir(ctx.config)):
+            sent = f"sent {item.sent:%Y-%m-%d %H:%M}" if getattr(item, "sent", None) else "not sent"
+            click.echo(f"{item.week}  {sent:<22} " + " ".join(str(Path(f).name) for f in item.files))

@@ -41,27 +41,22 @@ def archive_dir(config: Config) -> Path:
     return config.data_path("report", "archive")
 
 
-def sent_marker(config: Config, week: str) -> Path:
-    return archive_dir(config) / f"weekly-{week}.sent"
-
-
-def last_weekly_sent(config: Config) -> str | None:
-    """The newest week whose report went out (a ``.sent`` marker beside it in the archive)."""
-    weeks = sorted(p.name[len("weekly-"):-len(".sent")] for p in archive_dir(config).glob("weekly-*.sent"))
-    return weeks[-1] if weeks else None
-
-
-def weekly_report(config: Config, db: Path, directory, tz, week: str, *, send: bool = True) -> list[Path]:
-    """Build a week's report, keep it in the archive and (``send``) mail it to pastoral staff."""
+def weekly_report(config: Config, db: Path, directory, tz, week: str, *, send: bool = True,
+                  out: Path | None = None) -> list[Path]:
+    """Build a week's report, keep it in the archive (or ``out``) and, with ``send``, mail it
+    to pastoral staff and mark it sent (the scheduler's catch-up looks for that mark)."""
     r = config.sections["report"]
     built = report.build_weekly(db, week, tz=tz, directory=directory, school=config.get("school", "name"),
-                                social_categories=r["social_categories"], bypass_categories=r["bypass_categories"])
-    paths = built.write(archive_dir(config))
+                                social_categories=r["social_categories"], bypass_categories=r["bypass_categories"],
+                                groups=config.categories)
+    folder = out or archive_dir(config)
+    paths = built.write(folder)
     if send:
-        msg = built.email(config.get("mail", "from"), config.get("mail", "pastoral"))
+        to = config.get("mail", "pastoral")
+        msg = built.email(config.get("mail", "from"), to)
         transport(config).send(msg)
-        sent_marker(config, week).write_text(datetime.now(timezone.utc).isoformat() + "\n")
-        log.info("weekly report %s sent to %s", week, ", ".join(config.get("mail", "pastoral")))
+        report.mark_sent(folder, week, message_id=msg["Message-ID"], to=to, at=datetime.now(timezone.utc))
+        log.info("weekly report %s sent to %s", week, ", ".join(to))
     return paths
 
 
@@ -119,7 +114,7 @@ def start(daemon: "Daemon"):
     callables = scheduler.JobCallables(
         dispatch_alerts=lambda: dispatcher.dispatch_once(time.time()),
         weekly_report=lambda week: weekly_report(daemon.config, db, daemon.pipeline.identifier.directory, tz, week),
-        last_weekly_sent=lambda: last_weekly_sent(daemon.config),
+        last_weekly_sent=lambda: report.last_sent(archive_dir(daemon.config)),
         refresh_lists=lambda: refresh_lists(daemon) if any(l.url for l in daemon.config.lists) else False,
         purge=lambda: purge(daemon),
         daily_digest=digest,
