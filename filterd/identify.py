@@ -452,6 +452,7 @@ class Identifier:
         self.networks = tuple(networks)
         self.leases = leases
         # most specific first, per address family, so the first hit is the answer
+        self._addresses: dict[str, tuple[str | None, Network | None]] = {}
         self._v4 = tuple(sorted((n for n in self.networks if n.network.version == 4),
                                 key=lambda n: -n.network.prefixlen))
         self._v6 = tuple(sorted((n for n in self.networks if n.network.version == 6),
@@ -470,6 +471,19 @@ class Identifier:
                 return n
         return None
 
+    def _address(self, ip: str | None) -> tuple[str | None, Network | None]:
+        """Canonical address and its network, memoised: a school has a few thousand client
+        addresses and parsing one costs more than the rest of identify together."""
+        if ip is None:
+            return None, None
+        hit = self._addresses.get(ip)
+        if hit is None:
+            if len(self._addresses) >= 65536:
+                self._addresses.clear()
+            clean = _clean_ip(ip)
+            hit = self._addresses[ip] = (clean, self.network_for(clean))
+        return hit
+
     def _user(self, name: str | None) -> User | None:
         if not name or self.directory is None:
             return None
@@ -479,8 +493,7 @@ class Identifier:
         """Who is behind a request from ``ip`` by authenticated ``user`` at ``at`` (aware)."""
         if at.tzinfo is None:
             raise ValueError("naive datetime: give a timezone-aware time")
-        ip = _clean_ip(ip)
-        net = self.network_for(ip)
+        ip, net = self._address(ip)
         location = net.location if net else None
         lease = self.leases.lookup(ip, at) if (self.leases is not None and ip) else None
         device = (lease.mac or lease.hostname) if lease else None
