@@ -216,3 +216,72 @@ def test_sigterm_flushes_and_kill9_loses_no_block(tmp_path: Path, upstreams: Ups
         assert f.get("http://terror.invalid/")[0] == 403
     finally:
         f.stop()
+
+
+def test_a_lease_seen_by_the_sensor_attributes_requests_to_the_device_owner(tmp_path: Path, upstreams: Upstreams) -> None:
+    """Sensor (replaying a DHCP capture) -> leases table -> the daemon's identify stage."""
+    import subprocess
+    import sys
+
+    from tests.pcaps import dhcp_lease_pcap
+
+    f = Filterd.create(tmp_path, upstreams, networks="")
+    (f.root / "users.csv").write_text("username,role,email,devices\n"
+                                      "pupil9,pupil,p9@rig.example,02:00:00:00:00:99\n")
+    f.start()
+    try:
+        pcap = dhcp_lease_pcap(tmp_path / "dhcp.pcap", mac="02:00:00:00:00:99", ip="127.0.0.1",
+                               hostname="pupil9-laptop", lease_seconds=10 * 365 * 86400, t=time.time() - 5)
+        replay = subprocess.run([sys.executable, "-m", "filterd", "-c", str(f.config), "sensor", "--pcap", str(pcap)],
+                                capture_output=True, text=True, timeout=60)
+        assert replay.returncode == 0, replay.stderr
+        leases = subprocess.run([sys.executable, "-m", "filterd", "-c", str(f.config), "leases", "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert '"02:00:00:00:00:99"' in leases.stdout and '"127.0.0.1"' in leases.stdout
+
+        def attributed():
+            status, headers, _ = f.get("http://social.invalid/")
+            return headers.get("x-filterd-rule") == "pupil-social" and headers
+        headers = wait_for(attributed, timeout=15)  # the daemon refreshes leases every second here
+        assert headers, f.stderr()
+        row = f.rows("SELECT user, role, device FROM events WHERE ref = ?", headers["x-filterd-ref"])[0]
+        assert (row["user"], row["role"], row["device"]) == ("pupil9", "pupil", "02:00:00:00:00:99")
+    finally:
+        f.stop()
+
+
+def test_an_alert_reaches_the_smtp_server_within_10_seconds(tmp_path: Path, upstreams: Upstreams) -> None:
+    """A blocked terrorism attempt through the real daemon -> alert outbox -> aiosmtpd."""
+    from aiosmtpd.controller import Controller
+
+    received: list = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802
+            received.append((time.monotonic(), envelope.content.decode("utf-8", "replace")))
+            return "250 OK"
+
+    from tests.proxyrig import free_port
+
+    smtp = Controller(Handler(), hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    f = Filterd.create(tmp_path, upstreams)
+    f.config.write_text(f.config.read_text() + f"\n[mail]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {smtp.port}\n"
+                        "ict = [\"ict@rig.example\"]\n")
+    f.start()
+    try:
+        started = time.monotonic()
+        status, headers, _ = f.get("http://terror.invalid/plans")
+        assert status == 403
+        ref = headers["x-filterd-ref"]
+        alert = lambda: [(t, m) for t, m in received if ref in m]  # noqa: E731
+        assert wait_for(alert, timeout=12), [m[:200] for _, m in received]
+        arrived, message = alert()[0]
+        assert arrived - started < 10 and "terror.invalid" in message
+        # the start-up catch-up also sent last week's (empty) report to pastoral staff, once
+        assert sum("weekly internet use" in m for _, m in received) == 1
+        assert f"Message-ID: <alert-{headers['x-filterd-ref']}@" in message
+        assert wait_for(lambda: f.rows("SELECT state FROM alerts")[0]["state"] == "sent")
+    finally:
+        f.stop()
+        smtp.stop()
