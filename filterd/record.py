@@ -317,11 +317,14 @@ class Store:
 
     def record_batch(self, verdicts: Iterable[Verdict], *, source: str = "import",
                      import_source: str | None = None, import_path: str | None = None,
-                     import_offset: int | None = None, import_lines: int | None = None) -> None:
+                     import_offset: int | None = None, import_lines: int | None = None,
+                     alert_after: datetime | None = None) -> None:
         """Write verdicts and the import's progress in ONE transaction (synchronously).
 
         Incidents become events (+ alerts); everything is counted in usage; the imports row
         moves forward in the same transaction, so a crash mid-import never counts twice.
+        With ``alert_after``, only incidents from that time on queue an alert mail: a backfill
+        of last term's log must not send ICT hundreds of mails about old attempts.
         """
         pending: dict[UsageKey, list[Any]] = {}
         incidents: list[Verdict] = []
@@ -334,7 +337,7 @@ class Store:
 
         def write(conn: sqlite3.Connection) -> None:
             for v in incidents:
-                self._insert_incident(conn, v, source, now)
+                self._insert_incident(conn, v, source, now, alert=alert_after is None or v.time >= alert_after)
             conn.executemany(_UPSERT_USAGE, [_usage_params(k, val) for k, val in pending.items()])
             if import_source is not None:
                 conn.execute(_UPSERT_IMPORT, (import_source, import_path, import_offset or 0,
@@ -691,12 +694,12 @@ class Store:
         return rows
 
     def _insert_incident(self, conn: sqlite3.Connection, v: Verdict, source: str,
-                         now: float) -> bool:
+                         now: float, alert: bool = True) -> bool:
         """events row, its alerts row, its usage count; False if this ref is already stored
         (a retry after a commit whose outcome was unknown), so nothing is counted twice."""
         if conn.execute(_INSERT_EVENT, _event_row(v, source)).rowcount == 0:
             return False
-        if v.alert:
+        if v.alert and alert:
             conn.execute(_INSERT_ALERT, (v.ref, now, now))
         one: dict[UsageKey, list[Any]] = {}
         _fold(one, v, source)

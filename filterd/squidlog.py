@@ -29,7 +29,7 @@ import sys
 import time as _time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import NamedTuple, Protocol
 from urllib.parse import unquote
@@ -138,7 +138,8 @@ class ImportStore(Protocol):
 
     def record_batch(self, verdicts: Iterable[Verdict], *, source: str = "import",
                      import_source: str | None = None, import_path: str | None = None,
-                     import_offset: int | None = None, import_lines: int | None = None) -> None: ...
+                     import_offset: int | None = None, import_lines: int | None = None,
+                     alert_after: datetime | None = None) -> None: ...
 
 
 #: The pipeline's ``request`` (``filterd.pipeline.Pipeline.request``).
@@ -242,8 +243,12 @@ def import_log(
     progress: bool = False,
     tz: tzinfo,
     chunk_lines: int = CHUNK_LINES,
+    alert_window: timedelta = timedelta(hours=1),
 ) -> ImportStats:
     """Replay every new line of ``path`` through ``request`` and record the verdicts.
+
+    Incidents older than ``alert_window`` are recorded (alert flag and all) but queue no
+    mail to ICT: backfilling last term must not flood them, tailing a live log still alerts.
 
     ``request`` is ``Pipeline.request`` (called with the URL, or ``host:port`` and
     ``host_only=True`` for CONNECT, and ``ip=``, ``user=``, ``at=``, ``method=``); a
@@ -253,6 +258,7 @@ def import_log(
     """
     path = Path(path)
     started = _time.monotonic()
+    alert_after = datetime.now(timezone.utc) - alert_window
     try:
         size = path.stat().st_size
         source = file_source(path)
@@ -280,7 +286,7 @@ def import_log(
     def commit() -> None:
         store.record_batch(batch, source="import", import_source=source,
                            import_path=str(path.resolve()), import_offset=pos,
-                           import_lines=line_no)
+                           import_lines=line_no, alert_after=alert_after)
         stats.end_offset = pos
         batch.clear()
 

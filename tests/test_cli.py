@@ -121,3 +121,53 @@ def test_every_command_has_help_with_an_example() -> None:
         assert cmd.help and "Example:" in cmd.help, f"filterd {' '.join(path)} has no example in its help"
         result = CliRunner().invoke(cli, [*path, "--help"])
         assert result.exit_code == 0
+
+
+def test_import_events_alerts_report_export_purge_backup(tmp_path: Path) -> None:
+    """A day in the life: import a Squid log, read events and alerts, write the weekly report,
+    answer a subject access request, back up, then erase one person."""
+    home = tmp_path / "home"
+    log = tmp_path / "access.log"
+    # 2026-11-25 10:15 UTC is lesson time (P2) in the shipped timetable; 10.20/16 is the pupil network
+    log.write_text("1795601700.000 10 10.20.3.4 TCP_MISS/200 500 GET http://www.facebook.com/ jdoe HIER_DIRECT/1.2.3.4 text/html\n"
+                   "1795601760.000 10 10.20.3.4 TCP_DENIED/403 500 GET http://terrorism-test.filterd.invalid/x jdoe HIER_NONE/- text/html\n"
+                   "1795601820.000 10 10.20.3.9 TCP_MISS/200 500 GET http://www.youtube.com/watch?v=1 - HIER_DIRECT/1.2.3.4 text/html\n")
+    out = filterd("import", "squid-log", str(log), env_home=home)
+    assert out.returncode == 0, out.stderr
+    assert "3 imported" in out.stdout or "3 lines" in out.stdout
+    again = filterd("import", "squid-log", str(log), env_home=home)
+    assert again.returncode == 0 and "0 imported" in again.stdout  # nothing counted twice
+
+    rows = [json.loads(l) for l in filterd("events", "--json", env_home=home).stdout.splitlines()]
+    # pupils in a lesson: social media blocked too; every request also counts in usage
+    assert sorted((r["kind"], r["rule"]) for r in rows if r["kind"] != "usage") == [
+        ("block", "pupil-social-media-in-lessons"), ("block", "pupil-social-media-in-lessons"),
+        ("block", "terrorism")]
+    assert sum(r["requests"] for r in rows if r["kind"] == "usage") == 3
+    block = next(r for r in rows if r["rule"] == "terrorism")
+    assert block["user"] == "jdoe" and block["rule"] == "terrorism"
+    assert block["time"].endswith("+00:00") and block["url"] == "http://terrorism-test.filterd.invalid/x"
+    assert [json.loads(l)["kind"] for l in filterd("events", "--json", "--user", "jdoe", "--kind", "block",
+                                                       env_home=home).stdout.splitlines()] == ["block", "block"]
+
+    alerts = filterd("alerts", "--json", env_home=home)
+    assert alerts.returncode == 0 and alerts.stdout == ""  # a backfill of old lines mails nobody
+
+    report = filterd("report", "weekly", "--week", "2026-W48", "--out", str(tmp_path / "r"), env_home=home)
+    assert report.returncode == 0, report.stderr
+    csv_text = (tmp_path / "r" / "weekly-2026-W48.csv").read_text()
+    assert csv_text.startswith("user,role,category,window,requests,blocked,active_minutes")
+    assert "jdoe,pupil" in csv_text
+
+    export = filterd("export", "--user", "jdoe", "--out", str(tmp_path / "sar"), env_home=home)
+    assert export.returncode == 0, export.stderr
+    data = json.loads((tmp_path / "sar" / "filterd-export-jdoe.json").read_text())
+    assert data["user"] == "jdoe" and any(e["ref"] == block["ref"] for e in data["events"])
+
+    backup = filterd("backup", str(tmp_path / "copy.db"), env_home=home)
+    assert backup.returncode == 0 and (tmp_path / "copy.db").stat().st_size > 0
+
+    purge = filterd("purge", "--user", "jdoe", "--yes", env_home=home)
+    assert purge.returncode == 0, purge.stderr
+    assert filterd("events", "--json", "--user", "jdoe", env_home=home).stdout == ""
+    assert "10.20.3.9" in filterd("events", env_home=home).stdout  # other people's records stay

@@ -553,3 +553,12 @@ def test_another_process_writes_the_same_file_at_the_same_time(tmp_path: Path, d
                         ).fetchall() == [("amy", 60), ("child60", 60)]
     assert conn.execute("SELECT user, sum(requests) FROM usage GROUP BY user ORDER BY user"
                         ).fetchall() == [("amy", 60 * 51), ("child60", 60 * 51)]
+
+
+def test_record_batch_queues_alert_mails_only_for_recent_incidents(store: Store, db: Path) -> None:
+    old = verdict(at=T0, action="block", alert=True)
+    new = verdict(at=T0 + timedelta(hours=2), action="block", alert=True)
+    store.record_batch([old, new], alert_after=T0 + timedelta(hours=1))
+    conn = plain(db)
+    assert {r[0] for r in conn.execute("SELECT ref FROM events")} == {old.ref, new.ref}
+    assert [r[0] for r in conn.execute("SELECT event_ref FROM alerts")] == [new.ref]
