@@ -30,6 +30,7 @@ Decisions worth knowing (documented for ICT in the README):
 from __future__ import annotations
 
 import csv
+import functools
 import ipaddress
 import re
 import threading
@@ -105,6 +106,7 @@ def parse_ip(text: str) -> IPAddress:
     return addr
 
 
+@functools.lru_cache(maxsize=65536)
 def _clean_ip(ip: str | None) -> str | None:
     """The canonical text of an address, or the text unchanged when it is not one."""
     if ip is None:
