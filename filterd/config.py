@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from filterd.detect import DEFAULT_DOH_HOSTS
-from filterd.errors import FilterdError
+from filterd.errors import FilterdError, read_text
 from filterd.resources import shipped
 from filterd.verdict import ACTIONS, WINDOWS
 
@@ -166,12 +166,7 @@ def resolve(base: Path, value: str) -> Path:
 def load(path: str | Path | None = None) -> Config:
     """Read and validate a config file (the embedded default when ``path`` is None)."""
     file = Path(path) if path else default_path()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FilterdError("config file not found", file=file) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FilterdError(f"cannot read config: {exc}", file=file) from None
+    text = read_text(file, "config file")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

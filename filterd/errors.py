@@ -34,3 +34,18 @@ class FilterdError(Exception):
             where += ": "
         field = f"{self.field}: " if self.field else ""
         return f"{where}{field}{self.message}"
+
+
+def read_text(path: Path, what: str, *, bom: bool = False) -> str:
+    """A person's text file (users.csv, a timetable, an export), or one FilterdError naming it.
+
+    ``bom`` accepts a UTF-8 byte-order mark, which spreadsheet exports put at the start.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig" if bom else "utf-8")
+    except FileNotFoundError:
+        raise FilterdError(f"{what} not found", file=path) from None
+    except OSError as e:
+        raise FilterdError(f"cannot read {what}: {e.strerror or e}", file=path) from None
+    except UnicodeDecodeError as e:
+        raise FilterdError(f"{what} is not UTF-8 text: {e.reason}", file=path) from None

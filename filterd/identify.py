@@ -40,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from filterd.errors import FilterdError
+from filterd.errors import FilterdError, read_text
 from filterd.verdict import Who
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -188,12 +188,7 @@ def load_users(path: Path | str) -> Directory:
     file is usually exported from the school's MIS and fixed by hand.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise FilterdError(f"cannot read users file: {e.strerror or e}", file=path) from None
-    except UnicodeDecodeError as e:
-        raise FilterdError(f"not UTF-8 text: {e.reason}", file=path) from None
+    text = read_text(path, "users file", bom=True)
     reader = csv.reader(text.splitlines(keepends=True))
     try:
         header = next(reader)

@@ -57,7 +57,7 @@ from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from filterd.errors import FilterdError
+from filterd.errors import FilterdError, read_text
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DAY_ALIASES = {name: i for i, name in enumerate(DAY_NAMES)}
@@ -493,12 +493,7 @@ def load_timetable(path: Path | str, *, known_users: Iterable[str] | None = None
     contact time all week.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise FilterdError(f"cannot read timetable: {e.strerror or e}", file=path) from None
-    except UnicodeDecodeError as e:
-        raise FilterdError(f"not UTF-8 text: {e.reason}", file=path) from None
+    text = read_text(path, "timetable")
     return parse_timetable(text, path, known_users=known_users)
 
 
@@ -582,10 +577,7 @@ def import_staff_csv(path: Path | str, timetable: Timetable | None = None, *,
     output says in its header comment.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise FilterdError(f"cannot read timetable export: {e.strerror or e}", file=path) from None
+    text = read_text(path, "timetable export", bom=True)
     reader = csv.reader(text.splitlines(keepends=True))
     try:
         header = [h.strip().lower() for h in next(reader)]

@@ -23,11 +23,8 @@ from pathlib import Path
 
 import trustme
 
+from tests.net import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Upstream(BaseHTTPRequestHandler):

@@ -19,6 +19,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+
+from tests.net import free_port
 from aiosmtpd.controller import Controller
 
 from filterd.alerts import AlertDispatcher, AlertGroup, backoff_delay, group_alerts
@@ -30,11 +32,6 @@ LONDON = ZoneInfo("Europe/London")
 SENDER = "filterd@school.example"
 ICT = ["ict@school.example"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Recorder:

@@ -111,7 +111,7 @@ def test_users_quoted_multiline_cell_keeps_line_numbers(tmp_path):
 
 
 def test_users_missing_file(tmp_path):
-    with pytest.raises(FilterdError, match="cannot read users file"):
+    with pytest.raises(FilterdError, match="users file not found"):
         load_users(tmp_path / "nope.csv")
 
 

@@ -11,6 +11,8 @@ from email.policy import default as default_policy
 from pathlib import Path
 
 import pytest
+
+from tests.net import free_port
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -31,11 +33,6 @@ from filterd.mail import (
 
 USER, PASSWORD = "filterd", "s3cret-Pa55word!"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Recorder:

@@ -313,7 +313,7 @@ def test_toml_syntax_error_has_line(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FilterdError, match="cannot read timetable"):
+    with pytest.raises(FilterdError, match="timetable not found"):
         load_timetable(tmp_path / "nope.toml")
 
 
