@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from mitmproxy import connection, http, tls
 
-from filterd import blockpage, urls
+from filterd import blockpage, formcheck, urls
 from filterd.pipeline import Pipeline
 from filterd.record import Store
 from filterd.verdict import Verdict, What
@@ -106,7 +106,7 @@ class FilterdAddon:
         try:
             verdict = self.pipeline.request(flow.request.pretty_url, ip=self._client_ip(flow.client_conn),
                                             user=user, at=datetime.now(timezone.utc),
-                                            method=flow.request.method)
+                                            method=flow.request.method, form=self._form(flow))
         except ValueError as exc:
             log.info("refused a request with an unusable URL from %s: %s",
                      self._client_ip(flow.client_conn), exc)
@@ -119,6 +119,16 @@ class FilterdAddon:
             self._block(flow, verdict, "The filter cannot record right now, so it refuses all requests.")
         elif self.store_failing and self.settings.on_store_failure == "deny":
             self._block(flow, verdict, "The filter cannot record right now, so it refuses all requests.")
+
+    @staticmethod
+    def _form(flow: http.HTTPFlow) -> bytes | None:
+        """A form body for the 6.6 check (held in memory only, never recorded)."""
+        request = flow.request
+        if request.method not in ("POST", "PUT", "PATCH") or not request.raw_content:
+            return None
+        if len(request.raw_content) > formcheck.MAX_BODY:
+            return None
+        return request.get_content(strict=False)
 
     def _block(self, flow: http.HTTPFlow, verdict: Verdict, note: str | None) -> None:
         headers = flow.request.headers

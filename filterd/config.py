@@ -65,7 +65,7 @@ OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
         "record_allowed": (bool, False),
         "index_dir": (str, "index"),
     },
-    "identity": {"users": (str, "")},
+    "identity": {"users": (str, ""), "school_email_domains": ("list[str]", [])},
     "timetable": {"path": (str, "")},
     "mail": {
         "from": (str, "filterd@school.example"),

@@ -7,11 +7,12 @@ this one object, so a request is judged the same way wherever it comes from.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from filterd import classify, decide, identify, window
+from filterd import classify, decide, formcheck, identify, window
 from filterd.config import Config
 from filterd.errors import FilterdError
 from filterd.verdict import Verdict, What
@@ -28,6 +29,8 @@ class Pipeline:
     timetable: window.Timetable | None
     policy: decide.Policy
     ignore_categories: frozenset[str] = frozenset()
+    school_email: re.Pattern[bytes] | None = None  # policy 6.6 (formcheck)
+    social_categories: frozenset[str] = frozenset()
 
     def request(
         self,
@@ -40,10 +43,20 @@ class Pipeline:
         host_only: bool = False,
         kind: str = "request",
         detail: str | None = None,
+        form: bytes | None = None,
     ) -> Verdict:
-        """Judge one request (or, with ``host_only``, one host seen at CONNECT/SNI time)."""
+        """Judge one request (or, with ``host_only``, one host seen at CONNECT/SNI time).
+
+        ``form`` is a request body the caller holds in memory; it is only searched for a school
+        email address when it goes to a social-media host (policy 6.6), and never kept.
+        """
         who = self.identifier.identify(ip, user, at)
         what = self.classify(url_or_host, host_only=host_only)
+        if form and self.school_email is not None and not self.social_categories.isdisjoint(what.categories):
+            domain = formcheck.school_email_in(form, self.school_email)
+            if domain:
+                what = replace(what, categories=tuple(sorted({*what.categories, formcheck.SCHOOL_EMAIL})))
+                detail = f"school email address (@{domain}) sent in a form"
         when = self.timetable.window(at, who.user, who.role) if self.timetable else "out_of_hours"
         return self.policy.decide(who, what, when, at, kind=kind, method=method, detail=detail)
 
@@ -89,7 +102,8 @@ def build(config: Config, *, leases: identify.LeaseSource | None = None) -> Pipe
     roles |= {n.role for n in networks}
     roles |= {"staff", "pupil"}
     try:
-        rules = decide.parse_rules(list(config.rules), known_categories=classifier.categories,
+        rules = decide.parse_rules(list(config.rules),
+                                   known_categories=classifier.categories | {formcheck.SCHOOL_EMAIL},
                                    known_roles=frozenset(roles))
     except FilterdError as exc:
         raise _located(config, exc) from None
@@ -99,7 +113,11 @@ def build(config: Config, *, leases: identify.LeaseSource | None = None) -> Pipe
         raise FilterdError(f"unknown categories {sorted(unknown)}", file=config.file,
                            line=config.line_of("proxy.ignore_categories"),
                            field="proxy.ignore_categories")
-    return Pipeline(identifier, classifier, timetable, decide.Policy(rules), ignore)
+    domains = config.get("identity", "school_email_domains") or (
+        formcheck.domains_from_directory(u.email for u in directory) if directory is not None else [])
+    return Pipeline(identifier, classifier, timetable, decide.Policy(rules), ignore,
+                    school_email=formcheck.pattern(domains),
+                    social_categories=frozenset(config.get("report", "social_categories")))
 
 
 def _located(config: Config, exc: FilterdError) -> FilterdError:

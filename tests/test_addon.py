@@ -30,6 +30,8 @@ category = "bank"
 path = "bank"
 [categories]
 social_media = ["social_networks"]
+[identity]
+school_email_domains = ["school.example"]
 [proxy]
 ignore_categories = ["bank"]
 ignore_hosts = ["pinned.example"]
@@ -38,6 +40,10 @@ name = "terrorism"
 categories = ["terrorism"]
 action = "block"
 alert = true
+[[rules]]
+name = "school-email-on-social-media"
+categories = ["school_email"]
+action = "block"
 """
 
 
@@ -153,3 +159,25 @@ def test_store_failure_still_blocks(rig) -> None:
         fine = flow("http://example.org/")
         run(a.request(fine))
     assert fine.response.status_code == 403
+
+
+@pytest.mark.parametrize("host, body, blocked", [
+    ("facebook.com", b"email=j.smith%40school.example&pass=Secr3t", True),
+    ("facebook.com", b"email=j.smith%40gmail.com&pass=Secr3t", False),
+    ("example.org", b"email=j.smith%40school.example&pass=Secr3t", False),  # not social media
+])
+def test_policy_6_6_school_email_in_a_social_media_form(rig, host: str, body: bytes, blocked: bool) -> None:
+    a, store = rig
+    with taddons.context(a):
+        f = flow(f"https://{host}/signup")
+        f.request.method = "POST"
+        f.request.content = body
+        run(a.request(f))
+    assert (f.response is not None and f.response.status_code == 403) is blocked
+    store.flush()
+    on_disk = store.path.read_bytes() + Path(str(store.path) + "-wal").read_bytes()
+    assert b"j.smith" not in on_disk and b"Secr3t" not in on_disk
+    if blocked:
+        assert f.response.headers["X-Filterd-Rule"] == "school-email-on-social-media"
+        row = sqlite3.connect(store.path).execute("SELECT detail, categories FROM events").fetchone()
+        assert row[0] == "school email address (@school.example) sent in a form" and "school_email" in row[1]
