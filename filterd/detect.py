@@ -475,11 +475,22 @@ class Detector:
             self.ignored += 1
         return inside
 
+    def _school_resolver(self, dst: str) -> bool:
+        """DNS to this address is the school's own: a configured resolver or, when none is
+        configured, any private address (the school's resolvers are inside its network;
+        an outside resolver such as 8.8.8.8 is the bypass to report)."""
+        if self.resolvers:
+            return dst in self.resolvers
+        try:
+            return ipaddress.ip_address(dst).is_private
+        except ValueError:
+            return False
+
     # -- UDP and TCP ----------------------------------------------------------------------
 
     def _udp(self, src: str, dst: str, dport: int, p: bytes, ts: float) -> list[Finding | LeaseFinding]:
         if dport == 53:
-            if dst in self.resolvers:
+            if self._school_resolver(dst):
                 self.ignored += 1
                 return []
             name = dns_qname(p)
@@ -545,7 +556,7 @@ class Detector:
 
     def _tcp(self, src: str, dst: str, dport: int, p: bytes, ts: float) -> list[Finding | LeaseFinding]:
         if dport == 53:
-            if dst in self.resolvers:
+            if self._school_resolver(dst):
                 self.ignored += 1
                 return []
             if len(p) < 14:

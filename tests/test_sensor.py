@@ -423,7 +423,7 @@ def test_live_sniff_on_loopback(tmp_path: Path, store: Store, bpf: BpfMatcher) -
         socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()
     except PermissionError:
         pytest.skip("needs CAP_NET_RAW")
-    sensor = Sensor(make_request(LeaseTable()), store, resolvers=[], school_networks=["127.0.0.0/8"],
+    sensor = Sensor(make_request(LeaseTable()), store, resolvers=["10.20.0.1"], school_networks=["127.0.0.0/8"],
                     stats_path=tmp_path / "stats.json", stats_seconds=0.1)
     result: list[bool] = []
     thread = threading.Thread(target=lambda: result.append(sensor.sniff("lo", handle_signals=False)))
@@ -526,3 +526,11 @@ def test_replay_without_libpcap_reads_everything(tmp_path: Path, store: Store,
                                       dns_query(PUPIL, "8.8.8.8", "example.com")])
     stats = Sensor(make_request(LeaseTable()), store, **CONFIG).replay(tmp_path / "x.pcap")
     assert (stats["packets"], stats["filtered_out"], stats["events"]) == (2, 0, 1)
+
+
+def test_without_configured_resolvers_private_ones_are_the_schools(store: Store) -> None:
+    sensor = Sensor(make_request(LeaseTable()), store, resolvers=[], school_networks=["10.20.0.0/16"])
+    sensor.handle(bytes(dns_query(PUPIL, "10.20.0.1", "school.example")), T0)
+    sensor.handle(bytes(dns_query(PUPIL, "8.8.8.8", "outside.example")), T0 + 1)
+    store.flush()
+    assert [e["detail"] for e in store.events(kind="bypass")] == ["DNS to 8.8.8.8:53 (outside.example)"]
