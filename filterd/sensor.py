@@ -500,6 +500,10 @@ SENSOR_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Where school devices are when ``[sensor] school_networks`` is empty.
+PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+
+
 def stats_path(config: Any) -> Path:
     """Where the sensor writes its stats (``[sensor] stats_file`` under the data folder)."""
     name = dict(config.sections.get("sensor", {})).get("stats_file") or SENSOR_DEFAULTS["stats_file"]
@@ -516,7 +520,9 @@ def from_config(config: Any, request: Callable[..., Verdict], store: SensorStore
     proxy's business unless ``intercepted_ports`` says otherwise.
     """
     section = {**SENSOR_DEFAULTS, **dict(config.sections.get("sensor", {}))}
-    networks = list(section["school_networks"]) or [n["cidr"] for n in config.networks]
+    # Empty: the private ranges (what a school LAN uses) and any [[identity.networks]] beyond
+    # them; a capture from an unexpected private subnet must not be silently ignored.
+    networks = list(section["school_networks"]) or [*PRIVATE_NETWORKS, *(n["cidr"] for n in config.networks)]
     intercepted = list(section["intercepted_ports"])
     modes = dict(config.sections.get("proxy", {})).get("mode", "regular")
     modes = [modes] if isinstance(modes, str) else list(modes)

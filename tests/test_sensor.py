@@ -461,7 +461,8 @@ def test_from_config_uses_the_school_networks_and_transparent_mode(tmp_path: Pat
 
     cfg = load_config(tmp_path, 'resolvers = ["10.20.0.1"]\ndedupe_seconds = 30', mode="transparent")
     sensor = from_config(cfg, make_request(LeaseTable()), None)  # type: ignore[arg-type]
-    assert sensor.detector.school_networks[0].with_prefixlen == "10.20.0.0/16"
+    nets = {n.with_prefixlen for n in sensor.detector.school_networks}
+    assert {"10.20.0.0/16", "192.168.0.0/16", "fc00::/7"} <= nets  # identity networks + private ranges
     assert sensor.detector.intercepted_ports == {80, 443} and sensor.dedupe_seconds == 30
     assert "not dst host 10.20.0.1" in sensor.bpf and "tcp dst port 443" not in sensor.bpf
     assert sensor.stats_path == stats_path(cfg) == tmp_path / "data" / "sensor-stats.json"
