@@ -28,9 +28,9 @@ log = logging.getLogger("filterd.daemon")
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """One line per record on stderr; journald adds the time, a terminal gets it from us."""
+    """One line per record on stderr; under systemd journald adds the time, elsewhere we do."""
     fmt = "%(levelname)s %(name)s: %(message)s"
-    if sys.stderr.isatty() and "INVOCATION_ID" not in os.environ:
+    if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(stream=sys.stderr, level=level, format=fmt, force=True)
     for noisy in ("mitmproxy", "apscheduler", "mail.log"):
