@@ -205,6 +205,14 @@ def parse(raw: dict[str, Any], *, file: Path, text: str = "") -> Config:
     proxy, storage = sections["proxy"], sections["storage"]
     if not 0 < proxy["listen_port"] < 65536:
         raise fail("proxy.listen_port", "must be between 1 and 65535")
+    for mode in [proxy["mode"]] if isinstance(proxy["mode"], str) else proxy["mode"]:
+        try:
+            from mitmproxy.proxy.mode_specs import ProxyMode
+
+            ProxyMode.parse(mode)
+        except ValueError as exc:
+            raise fail("proxy.mode", f"not a mitmproxy mode: {mode!r} ({exc}); e.g. regular, transparent, "
+                       "wireguard, socks5, regular@8081") from None
     if storage["retention_days"] < 1:
         raise fail("storage.retention_days", "must be at least 1 day")
     if storage["batch_size"] < 1 or storage["flush_seconds"] <= 0:

@@ -59,6 +59,8 @@ def test_relative_paths_are_relative_to_the_config_folder(tmp_path: Path) -> Non
         ('[proxy]\nlisten_prot = 8080\n', 2, "proxy.listen_prot", "unknown key"),
         ('[proxyy]\n', 1, "proxyy", "unknown section"),
         ('[proxy]\nmode = 3\n', 2, "proxy.mode", "list of strings"),
+        ('[proxy]\nmode = "transparant"\n', 2, "proxy.mode", "not a mitmproxy mode"),
+        ('[proxy]\nmode = ["regular", "socks5:foo"]\n', 2, "proxy.mode", "not a mitmproxy mode"),
         ('[storage]\nretention_days = 0\n', 2, "storage.retention_days", "at least 1"),
         ('[mail]\n\nict = ["not-an-address"]\n', 3, "mail.ict", "not an email"),
         ('[proxy]\non_store_failure = "maybe"\n', 2, "proxy.on_store_failure", "must be one of"),
