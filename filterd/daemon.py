@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from mitmproxy import log as mitmproxy_log
 from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 
@@ -135,11 +136,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         watcher = asyncio.ensure_future(self._watch_loop())
+        self.master.addons.add(_Started(self))
         try:
             self.scheduler = self._start_scheduler()
-            proxy = self.config.sections["proxy"]
-            log.info("filterd listening on %s:%s (%s), %d lists, database %s", proxy["listen_host"],
-                     proxy["listen_port"], proxy["mode"], len(self.config.lists), self.store.path)
             await self.master.run()
         finally:
             watcher.cancel()
@@ -147,6 +146,12 @@ class Daemon:
                 self.scheduler.shutdown(wait=False)
             await loop.run_in_executor(None, self.store.close)
             log.info("filterd stopped; store flushed (%s)", self.store.stats())
+            # mitmproxy leaves its log handler installed when start-up fails (a port in use);
+            # later records from worker threads would then be sent to a closed loop.
+            root = logging.getLogger()
+            for handler in list(root.handlers):
+                if isinstance(handler, mitmproxy_log.MitmLogHandler):
+                    root.removeHandler(handler)
 
     def stop(self) -> None:
         log.info("stopping: no new connections, flushing the store")
@@ -202,6 +207,19 @@ class Daemon:
         from filterd import jobs
 
         return jobs.start(self)
+
+
+class _Started:
+    """A lifecycle hook: say "listening" only once mitmproxy's servers are really up."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def running(self) -> None:
+        d = self.daemon
+        proxy = d.config.sections["proxy"]
+        log.info("filterd listening on %s:%s (%s), %d lists, database %s", proxy["listen_host"],
+                 proxy["listen_port"], proxy["mode"], len(d.config.lists), d.store.path)
 
 
 def run(config_path: str | Path | None) -> None:

@@ -285,3 +285,18 @@ def test_an_alert_reaches_the_smtp_server_within_10_seconds(tmp_path: Path, upst
     finally:
         f.stop()
         smtp.stop()
+
+
+def test_a_port_in_use_is_one_clear_error(tmp_path: Path, upstreams: Upstreams) -> None:
+    import subprocess
+    import sys
+
+    f = Filterd.create(tmp_path, upstreams)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", f.port))
+        taken.listen()
+        out = subprocess.run([sys.executable, "-m", "filterd", "-c", str(f.config), "run"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "address already in use" in out.stderr and "Traceback" not in out.stderr
+    assert "listening" not in out.stderr
