@@ -388,11 +388,14 @@ def leases(ctx: Context, as_json: bool) -> None:
     with errors_as_exit():
         from filterd import sensor as sensor_mod
 
+        tz = ctx.tz()
         with ctx.store() as store:
             rows = store.leases()
         if as_json:
             for row in rows:
-                click.echo(json.dumps(row, default=str))
+                times = {k: datetime.fromtimestamp(row[k], tz).isoformat() if row.get(k) is not None else None
+                         for k in ("start", "expires", "seen")}
+                click.echo(json.dumps({**row, **times}, default=str))
         else:
             click.echo(sensor_mod.format_leases(rows), nl=False)
 

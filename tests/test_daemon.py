@@ -3,8 +3,10 @@ and what the client saw checked against what the database holds."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+from datetime import datetime
 import time
 from pathlib import Path
 
@@ -237,7 +239,9 @@ def test_a_lease_seen_by_the_sensor_attributes_requests_to_the_device_owner(tmp_
         assert replay.returncode == 0, replay.stderr
         leases = subprocess.run([sys.executable, "-m", "filterd", "-c", str(f.config), "leases", "--json"],
                                 capture_output=True, text=True, timeout=60)
-        assert '"02:00:00:00:00:99"' in leases.stdout and '"127.0.0.1"' in leases.stdout
+        lease = json.loads(leases.stdout.splitlines()[0])
+        assert (lease["mac"], lease["ip"], lease["hostname"]) == ("02:00:00:00:00:99", "127.0.0.1", "pupil9-laptop")
+        assert datetime.fromisoformat(lease["seen"]).tzinfo is not None
 
         def attributed():
             status, headers, _ = f.get("http://social.invalid/")
