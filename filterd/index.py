@@ -3,10 +3,10 @@
 Why this shape (measured in bench/bench_classify.py):
 
 - a marisa-trie (succinct, memory-mappable) holds every key: 5 million random domains make a
-  65 MB file (trie plus a 4-byte record id per key), against about 470 MB for a Python
-  set of the same names, and a new process maps it in a fraction of a second (the time is
-  mostly the sha256 check) instead of parsing lists for seconds; pages are shared between
-  processes and only those that lookups touch become resident;
+  file of about 70 MB (trie plus a 1-, 2- or 4-byte record id per key), against about 470 MB
+  for a Python set of the same names, and a new process maps it in a fraction of a second
+  (the time is mostly the sha256 check) instead of parsing lists for seconds; pages are
+  shared between processes and only those that lookups touch become resident;
 - a domain's key is its canonical name reversed character by character plus a dot
   (``example.com`` -> ``moc.elpmaxe.``): the keys of all entries that cover a host are then
   exactly the trie keys that are prefixes of the host's own key, found in one walk
@@ -16,20 +16,28 @@ Why this shape (measured in bench/bench_classify.py):
   ``<host key> <path>``; a request whose host hits a flagged key looks up
   ``<that key> <request path>`` and keeps the prefixes that end on a segment boundary, then
   checks the entry's query parameters against the request's (a subset, in any order);
-- each key id points (uint32 array) at an interned record, JSON, listing which lists hold the
-  key and the entry as written when it differs from the canonical name. Most keys share the
-  record "list N, written canonically", so records stay few.
+- each key id points (uint8, uint16 or uint32 array: the narrowest that fits) at an interned
+  record, JSON, listing which lists hold the key and the entry as written when it differs
+  from the canonical name. Most keys share the record "list N, written canonically", so
+  records stay few.
 
 Speed: a raw trie walk costs a few cache misses, so it is slower than one probe of a Python
 set; what the proxy pays is smaller because a per-host cache (32,768 hosts, cleared when
-full) answers the hosts a school visits again and again. The benchmark prints both.
+full) answers the hosts a school visits again and again. The benchmark prints both. Measured
+choices for the uncached walk: one trie level (``num_tries=1``: a third larger than marisa's
+default of 3, walks about 1.5 times faster); a miss (most hosts) costs the walk and little
+else; the common hit (one key, in one list, written canonically) is answered inline from a
+decoded-record cache large enough for real lists (UT1 has about 24,000 distinct records). A
+Bloom-style negative pre-check (a bit array of stable hashes of every host key, tested per
+label) was measured slower than the walk it would skip: in Python, finding the labels and
+hashing them costs more than marisa's early exit on a miss.
 
 File layout (native byte order, recorded in the metadata): 64-byte header (magic, sha256
 of everything after the digest, metadata offset and length), key-id -> record array,
-record offsets, record blob, the trie (8-byte aligned), metadata JSON (the lists' statistics
-and skips, so a cached start can still report them). The digest is checked
-before the trie is mapped: a damaged file is rejected, never trusted (a corrupt trie could
-crash the process).
+record offsets, record blob, the trie, metadata JSON (the lists' statistics and skips, so a
+cached start can still report them); the arrays and the trie start 8-byte aligned. The
+digest is checked before the trie is mapped: a damaged file is rejected, never trusted (a
+corrupt trie could crash the process).
 """
 
 from __future__ import annotations
@@ -51,11 +59,12 @@ from filterd.lists import Loaded
 
 __all__ = ["INDEX_VERSION", "CorruptIndex", "Index", "compile_index", "write_atomic"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _MAGIC = b"FDINDEX\x01"
 _HEADER = struct.Struct("<8s32sQQ8x")  # magic, sha256(file[40:]), meta offset, meta length
-_EMPTY: tuple = ()
-_NOTHING: tuple = ((), ())
+_TRIES = 1  # marisa levels: 1 is a larger trie than the default 3, but its walks are faster
+_RECORD_CACHE = 1 << 16
+_REF_TYPES = ("B", "H", "I")  # key id -> record id array: 1, 2 or 4 bytes per key
 
 
 class CorruptIndex(Exception):
@@ -77,7 +86,7 @@ def compile_index(lists: Sequence[Loaded], meta: dict) -> bytearray:
                 yield key
                 yield f"{key} {entry.path}"
 
-    trie = marisa_trie.Trie(keys())
+    trie = marisa_trie.Trie(keys(), num_tries=_TRIES)
     count = len(trie)
     key_id = trie.key_id
     # masks[kid]: the lists that hold the key written canonically (bit n = list n); the
@@ -133,7 +142,11 @@ def compile_index(lists: Sequence[Loaded], meta: dict) -> bytearray:
 
     out = bytearray(_HEADER.size)
     refs_off = len(out)
-    out += refs.tobytes()
+    # the narrowest record id that fits: most lists have few distinct records (a synthetic
+    # list has one, UT1 about 24,000), and the array is a quarter of a big index
+    width = next(code for code in _REF_TYPES if len(records) <= 1 << 8 * array(code).itemsize)
+    out += array(width, refs).tobytes()
+    _pad8(out)
     offsets_off = len(out)
     out += offsets.tobytes()
     blob_off = len(out)
@@ -142,9 +155,10 @@ def compile_index(lists: Sequence[Loaded], meta: dict) -> bytearray:
     trie_off = len(out)
     out += trie.tobytes()
     _pad8(out)
+    trie_len = len(out) - trie_off
     meta = dict(meta, version=INDEX_VERSION, byteorder=sys.byteorder, keys=count,
-                records=len(records), refs=refs_off, offsets=offsets_off, blob=blob_off,
-                trie=trie_off, trie_len=len(out) - trie_off)
+                records=len(records), refs=refs_off, ref_type=width, offsets=offsets_off,
+                blob=blob_off, trie=trie_off, trie_len=trie_len)
     meta_bytes = json.dumps(meta, ensure_ascii=False).encode()
     meta_off = len(out)
     out += meta_bytes
@@ -191,7 +205,10 @@ class Index:
         self.meta: dict = meta
         self._buffer = buffer  # keeps the mapping alive as long as the trie uses it
         count = meta["keys"]
-        self._refs = view[meta["refs"]:meta["refs"] + 4 * count].cast("I")
+        width = meta.get("ref_type")
+        if width not in _REF_TYPES:
+            raise CorruptIndex("bad record id type")
+        self._refs = view[meta["refs"]:meta["refs"] + array(width).itemsize * count].cast(width)
         self._offsets = view[meta["offsets"]:meta["offsets"] + 4 * (meta["records"] + 1)].cast("I")
         self._blob = view[meta["blob"]:meta["blob"] + self._offsets[-1]]
         self._trie = marisa_trie.Trie()
@@ -229,48 +246,43 @@ class Index:
         return self.meta["keys"]
 
     def _record(self, rid: int) -> tuple:
+        """Record ``rid`` decoded: (lists holding the key as written canonically, (list,
+        entry as written) pairs, has URL entries, URL entries, "canonical domain entries only":
+        the common case, answered inline by ``lookup``)."""
         record = self._records.get(rid)
         if record is None:
             start, end = self._offsets[rid], self._offsets[rid + 1]
             domains, flag, urls = json.loads(bytes(self._blob[start:end]))
+            plain = tuple(number for number, text in domains if text is None)
+            texts = tuple((number, text) for number, text in domains if text is not None)
             record = (
-                tuple((number, text) for number, text in domains),
-                bool(flag),
+                plain, texts, bool(flag),
                 tuple((number, text, tuple(map(tuple, query))) for number, text, query in urls),
+                bool(plain) and not texts and not flag,
             )
-            if len(self._records) >= 16384:
+            if len(self._records) >= _RECORD_CACHE:
                 self._records.clear()
             self._records[rid] = record
         return record
 
-    def _host(self, key: str) -> tuple:
-        """(domain hits, keys with URL entries) for a host key; cached per host.
-
-        One trie walk gives every matching key with its id (measured faster than
-        ``prefixes()`` followed by ``key_id()`` for hits, and nearly as fast for misses)."""
-        found = self._hosts.get(key)
-        if found is not None:
-            return found
-        hits: list | tuple = _EMPTY
-        url_keys: tuple = _EMPTY
+    def _hits(self, matches: tuple[tuple[str, int], ...]) -> tuple:
+        """(domain hits, keys with URL entries) of a host key's matching trie keys."""
+        hits: list = []
+        url_keys: tuple = ()
         refs = self._refs
         known = self._records.get
-        for prefix, kid in self._trie.iter_prefixes_with_ids(key):
+        for prefix, kid in matches:
             rid = refs[kid]
-            domains, has_urls, _ = known(rid) or self._record(rid)
-            if domains:
-                if not hits:
-                    hits = []
-                for number, text in domains:
-                    hits.append((number, prefix[-2::-1] if text is None else text))  # "moc.a." -> "a.com"
+            plain, texts, has_urls, _, _ = known(rid) or self._record(rid)
+            if plain:
+                name = prefix[-2::-1]  # "moc.a." -> "a.com"
+                for number in plain:
+                    hits.append((number, name))
+            if texts:
+                hits += texts
             if has_urls:
                 url_keys += (prefix,)
-        found = (tuple(hits), url_keys) if hits or url_keys else _NOTHING
-        if self._host_cache:
-            if len(self._hosts) >= self._host_cache:
-                self._hosts.clear()
-            self._hosts[key] = found
-        return found
+        return tuple(hits), url_keys
 
     def lookup(self, key: str, path: str | None = None,
                query: tuple[tuple[str, str], ...] = ()) -> list[tuple[int, str]] | tuple:
@@ -278,8 +290,33 @@ class Index:
 
         ``key`` is ``urls.reversed_key(canonical host)``; without ``path`` only domain
         entries are checked (a CONNECT or SNI decision knows no path).
+
+        The host part is cached per host. One trie walk gives every matching key with its
+        id (measured faster than ``prefixes()`` followed by ``key_id()`` for hits, and
+        nearly as fast for misses); a miss (most hosts) never leaves this function.
         """
-        hits, url_keys = self._host(key)
+        found = self._hosts.get(key)
+        if found is None:
+            walk = self._trie.iter_prefixes_with_ids(key)
+            for prefix, kid in walk:
+                rid = self._refs[kid]
+                record = self._records.get(rid) or self._record(rid)
+                more = (*walk,)
+                if more or not record[4]:
+                    found = self._hits(((prefix, kid), *more))
+                else:  # the common hit: one key, in one or more lists, written canonically
+                    name = prefix[-2::-1]  # "moc.a." -> "a.com"
+                    plain = record[0]
+                    found = (((plain[0], name),) if len(plain) == 1
+                             else tuple([(number, name) for number in plain]), ())
+                break
+            else:  # most hosts are in no list: keep this path short
+                found = ((), ())
+            if self._host_cache:
+                if len(self._hosts) >= self._host_cache:
+                    self._hosts.clear()
+                self._hosts[key] = found
+        hits, url_keys = found
         if not url_keys or path is None:
             return hits
         found = list(hits)
@@ -293,7 +330,7 @@ class Index:
                 size = len(entry_path)
                 if size != len(path) and entry_path[-1] != "/" and path[size] != "/":
                     continue  # /a/b must not match /a/bc
-                for number, text, required in self._record(self._refs[self._trie.key_id(prefix)])[2]:
+                for number, text, required in self._record(self._refs[self._trie.key_id(prefix)])[3]:
                     if required:
                         if have is None:
                             have = frozenset(query)

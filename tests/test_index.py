@@ -110,3 +110,48 @@ def test_a_domain_never_matches_a_name_that_only_ends_like_it(domain: str, extra
     index = _index([(0, domain, None)])
     assert index.lookup(reversed_key(extra + domain)) == ()
     assert index.lookup(reversed_key(".".join(sub + [domain]))) == ((0, domain),)
+
+
+_entries = st.lists(
+    st.tuples(st.integers(0, 2), st.lists(st.sampled_from(["a", "b", "c", "com"]), min_size=1, max_size=3).map(".".join),
+              st.booleans()),
+    max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_entries, st.lists(st.sampled_from(["a", "b", "c", "com", "x"]), min_size=1, max_size=4).map(".".join))
+def test_lookup_equals_a_suffix_by_suffix_reference(entries: list, host: str) -> None:
+    """Every path through lookup (no hit, the common one-list hit, several keys, lists and
+    spellings) gives what checking each label suffix against the entries gives."""
+    domains = [(number, name, f"As.Written.{name}" if written else None) for number, name, written in entries]
+    index = _index(domains, lists=3)
+    labels = host.split(".")
+    suffixes = {".".join(labels[i:]) for i in range(len(labels))}
+    expected = {(number, text or name) for number, name, text in domains if name in suffixes}
+    found = index.lookup(reversed_key(host))
+    assert sorted(found) == sorted(expected)
+    assert index.lookup(reversed_key(host)) == found  # the cached answer is the same
+
+
+def test_record_cache_overflow_keeps_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import filterd.index
+
+    monkeypatch.setattr(filterd.index, "_RECORD_CACHE", 2)
+    index = _index([(n % 3, f"d{n}.example", f"D{n}.example" if n % 2 else None) for n in range(20)], lists=3)
+    index._host_cache = 0
+    for _ in range(2):
+        for n in range(20):
+            assert index.lookup(reversed_key(f"www.d{n}.example")) == (
+                (n % 3, f"D{n}.example" if n % 2 else f"d{n}.example"),)
+    assert len(index._records) <= 2
+
+
+@pytest.mark.parametrize(("records", "ref_type"), [(1, "B"), (300, "H")])
+def test_record_ids_take_the_narrowest_array(records: int, ref_type: str) -> None:
+    """One record per distinct spelling: 300 spellings need 2-byte record ids, one needs 1 byte."""
+    domains = [(0, f"d{n}.example", f"D{n}.example" if records > 1 else None) for n in range(300)]
+    index = _index(domains)
+    assert index.meta["ref_type"] == ref_type
+    for n in (0, 150, 299):
+        expected = f"D{n}.example" if records > 1 else f"d{n}.example"
+        assert index.lookup(reversed_key(f"www.d{n}.example")) == ((0, expected),)
