@@ -398,10 +398,7 @@ def _like_any(column: str, categories: Sequence[str]) -> tuple[str, list[str]]:
 
 
 _TEMP_TABLES = """
-CREATE TEMP TABLE catmap (cats TEXT, category TEXT, PRIMARY KEY (cats, category)) WITHOUT ROWID;
-CREATE TEMP TABLE cells (user TEXT, role TEXT, category TEXT, window TEXT, requests INTEGER,
-    blocked INTEGER, minutes INTEGER, last INTEGER,
-    PRIMARY KEY (user, role, category, window)) WITHOUT ROWID;
+CREATE TEMP TABLE catmask (cats TEXT PRIMARY KEY, mask INTEGER) WITHOUT ROWID;
 CREATE TEMP TABLE usercats (user TEXT, role TEXT, categories TEXT, requests INTEGER, blocked INTEGER,
     PRIMARY KEY (user, role, categories)) WITHOUT ROWID;
 CREATE TEMP TABLE hostcats (host TEXT, categories TEXT, requests INTEGER, blocked INTEGER,
@@ -410,8 +407,10 @@ CREATE TEMP TABLE hostcats (host TEXT, categories TEXT, requests INTEGER, blocke
 
 _UPSERT_COUNTS = """ON CONFLICT DO UPDATE SET requests = requests + excluded.requests,
     blocked = blocked + excluded.blocked"""
-_UPSERT_MINUTES = """ON CONFLICT DO UPDATE SET requests = requests + excluded.requests,
-    minutes = minutes + (last != excluded.last), last = excluded.last"""
+#: Threads (each with its own read-only connection) for the four earlier weeks of the trend.
+_TREND_THREADS = 2
+#: Above this many users with minutes out of rowid order, the week is read again in minute order.
+_MAX_RECOUNT = 200
 
 
 class _Reader:
@@ -425,15 +424,21 @@ class _Reader:
     - per week, one pass over the week's rowid range (rows are appended in time order, so the
       range is tight; the ``minute`` test keeps it exact when it is not) totals the requests per
       categories JSON (and per host, for the reported week); each distinct categories JSON is
-      then mapped once, in Python, to the social categories in it (``catmap``, with ``*`` for
-      "any social media");
-    - social media cells: the week's rows are read in minute order (the ``usage_key`` index
-      leads with ``minute``) and joined to ``catmap``; a cell's active minutes grow by one
-      whenever a row's minute differs from the last minute it counted. Exact, with no sort and
-      no set of minutes.
+      then mapped once, in Python, to the social categories in it (``catmask``: one bit per
+      social category);
+    - social media cells: one row per user, role and window (``wcells``) holds "any social
+      media" and, in columns, each social category; a cell's active minutes grow by one
+      whenever a row's minute differs from the last minute it counted (see
+      :meth:`_minute_pass`). Exact, with no sort and no set of minutes. One upsert per social
+      row, and the key is short: the upserts are what cost.
+    - earlier weeks: only their social rows (the quoted names, ``instr``: a third of the
+      rows), upserted per user, role and categories JSON (``usercats``).
 
     The database itself is opened ``mode=ro``: only the TEMP tables are written.
     """
+
+    #: True: count active minutes in minute order straight away (the tests compare the ways)
+    ordered = False
 
     def __init__(self, conn: sqlite3.Connection, social: Sequence[str], bypass: Sequence[str]) -> None:
         self.conn = conn
@@ -444,23 +449,37 @@ class _Reader:
         self.mapped: dict[str, list[str]] = {}  # categories JSON -> the social categories in it
         self.same_as_any: set[str] = set()
         self._spans: dict[tuple[int, int], tuple[int, int] | None] = {}
+        self.way = ""  # how the last minute pass went: rowid, recount or ordered (tests)
         conn.executescript(_TEMP_TABLES)
 
     def span(self, lo: int, hi: int) -> tuple[int, int] | None:
-        """The rowid range holding the minutes [lo, hi) (from the index: cheap)."""
+        """The rowid range holding the minutes [lo, hi) (exact; from the ``usage_key`` index)."""
         if (lo, hi) not in self._spans:
-            a, b = self.conn.execute("SELECT min(rowid), max(rowid) FROM usage "
-                                     "WHERE minute >= ? AND minute < ?", (lo, hi)).fetchone()
-            self._spans[(lo, hi)] = None if a is None else (a, b)
+            # the rows of the first and last minute (two index seeks), then the rows outside
+            # that range (rows are appended roughly in time order: few). Exact, and an aggregate
+            # only on those few: less than half the cost of min() and max() over the week.
+            first = self.conn.execute("SELECT rowid FROM usage WHERE minute >= ? AND minute < ? "
+                                      "ORDER BY minute LIMIT 1", (lo, hi)).fetchone()
+            if first is None:
+                self._spans[(lo, hi)] = None
+                return None
+            (last,) = self.conn.execute("SELECT rowid FROM usage WHERE minute >= ? AND minute < ? "
+                                        "ORDER BY minute DESC LIMIT 1", (lo, hi)).fetchone()
+            a, b = min(first[0], last), max(first[0], last)
+            out_a, out_b = self.conn.execute(
+                "SELECT min(rowid), max(rowid) FROM usage WHERE minute >= ? AND minute < ? "
+                "AND rowid NOT BETWEEN ? AND ?", (lo, hi, a, b)).fetchone()
+            self._spans[(lo, hi)] = (a if out_a is None else min(a, out_a),
+                                     b if out_b is None else max(b, out_b))
         return self._spans[(lo, hi)]
 
     def _map(self, strings: Iterable[str]) -> None:
-        """Add each new categories JSON and the social categories in it to ``catmap``.
+        """Note the social categories in each new categories JSON (``mapped``).
 
         A social category present in *every* social categories JSON (the category-map group,
         ``social_media``, which the classifier adds to each of its members) has exactly the
-        cells of ``*``: it is left out of ``catmap`` and copied from ``*`` afterwards, which
-        saves a third of the work in the default configuration.
+        cells of "any social media": it gets no columns of its own and is copied afterwards
+        (``same_as_any``).
         """
         new = [c for c in dict.fromkeys(strings) if c not in self.known]
         self.known.update(new)
@@ -471,27 +490,78 @@ class _Reader:
         everywhere = set(self.social)
         for mine in self.mapped.values():
             everywhere.intersection_update(mine)
-        if everywhere != self.same_as_any:
-            self.same_as_any = everywhere
-            self.conn.execute("DELETE FROM temp.catmap")
-            rows = [(cats, c) for cats, mine in self.mapped.items() for c in (*mine, "*")
-                    if c not in everywhere]
-        else:
-            rows = [(cats, c) for cats in new if cats in self.mapped
-                    for c in (*self.mapped[cats], "*") if c not in everywhere]
-        self.conn.executemany("INSERT OR IGNORE INTO temp.catmap VALUES (?, ?)", rows)
+        self.same_as_any = everywhere
 
-    def _minute_pass(self, lo: int, hi: int) -> None:
-        """Fill ``cells`` (per user, role, category, window; ``*`` = any social media)."""
-        self.conn.execute("DELETE FROM temp.cells")
+    def _minute_pass(self, lo: int, hi: int, span: tuple[int, int], *,
+                     ordered: bool = False) -> list[str]:
+        """Fill ``wcells``: per user, role and window, any social media and each category.
+
+        Returns the categories with columns (column ``i`` of ``wcells`` is the i-th). A cell's
+        active minutes grow by one whenever a row's minute differs from the last one it
+        counted, which is exact when the rows come in minute order. The fast way reads the
+        week's rows in rowid order (a plain scan: rows are appended roughly in time order) and
+        marks a (user, role, window) ``back`` when a row's minute is before its last one (a late
+        write, an import); then only the users with such a row are counted again, their rows
+        in minute order (``usage_user_minute`` index). ``ordered`` (or many such users) reads
+        the whole week in minute order instead (``usage_key`` index: exact, slower).
+        """
+        cols = [c for c in self.social if c not in self.same_as_any]
+        self.conn.execute("DELETE FROM temp.catmask")
+        self.conn.executemany("INSERT INTO temp.catmask VALUES (?, ?)", [
+            (cats, sum(1 << i for i, c in enumerate(cols) if c in mine))
+            for cats, mine in self.mapped.items()])
+        self.conn.execute("DROP TABLE IF EXISTS temp.wcells")
         self.conn.execute(
-            f"""INSERT INTO temp.cells
-                SELECT ifnull(u.user, ''), ifnull(u.role, ''), m.category, u.window,
-                       u.requests, u.blocked, 1, u.minute
-                FROM usage AS u JOIN temp.catmap AS m ON m.cats = u.categories
-                WHERE u.minute >= ? AND u.minute < ?
-                ORDER BY u.minute
-                {_UPSERT_MINUTES}, blocked = blocked + excluded.blocked""", (lo, hi))
+            "CREATE TEMP TABLE wcells (user TEXT, role TEXT, window TEXT, requests INTEGER, "
+            "blocked INTEGER, minutes INTEGER, last INTEGER, back INTEGER"
+            + "".join(f", r{i} INTEGER, b{i} INTEGER, m{i} INTEGER, l{i} INTEGER"
+                      for i in range(len(cols)))
+            + ", PRIMARY KEY (user, role, window)) WITHOUT ROWID")
+        bit = "((m.mask >> {i}) & 1)"
+        values = "".join(f", {bit}*u.requests, {bit}*u.blocked, {bit}, "
+                         f"CASE WHEN {bit} THEN u.minute ELSE -1 END".format(i=i)
+                         for i in range(len(cols)))
+        update = "".join(f", r{i} = r{i} + excluded.r{i}, b{i} = b{i} + excluded.b{i}, "
+                         f"m{i} = m{i} + (excluded.m{i} AND l{i} != excluded.l{i}), "
+                         f"l{i} = CASE WHEN excluded.m{i} THEN excluded.l{i} ELSE l{i} END"
+                         for i in range(len(cols)))
+        select = ("""INSERT INTO temp.wcells
+                    SELECT ifnull(u.user, ''), ifnull(u.role, ''), u.window,
+                           u.requests, u.blocked, 1, u.minute, 0""" + values + """
+                    FROM {source} JOIN temp.catmask AS m ON m.cats = u.categories
+                    WHERE {where} u.minute >= ? AND u.minute < ? {order}
+                    ON CONFLICT DO UPDATE SET requests = requests + excluded.requests,
+                        blocked = blocked + excluded.blocked,
+                        minutes = minutes + (last != excluded.last),
+                        back = back | (excluded.last < last), last = excluded.last""" + update)
+        if not ordered:
+            self.conn.execute(select.format(source="usage AS u", where="u.rowid BETWEEN ? AND ? AND",
+                                            order=""), (*span, lo, hi))
+            late = [u for (u,) in self.conn.execute(
+                "SELECT DISTINCT user FROM temp.wcells WHERE back ORDER BY user")]
+            self.way = "rowid"
+            if not late:
+                return cols
+            if len(late) <= _MAX_RECOUNT:
+                by_user = "usage INDEXED BY usage_user_minute"
+                for user in late:
+                    self.conn.execute("DELETE FROM temp.wcells WHERE user = ?", (user,))
+                    if user:
+                        source, args = "usage AS u INDEXED BY usage_user_minute", (user, lo, hi)
+                        where = "u.user = ? AND"
+                    else:  # '' stands for both NULL and '' (as in every figure of the report)
+                        source = (f"(SELECT * FROM {by_user} WHERE user IS NULL UNION ALL "
+                                  f"SELECT * FROM {by_user} WHERE user = '') AS u")
+                        where, args = "", (lo, hi)
+                    self.conn.execute(select.format(source=source, where=where,
+                                                    order="ORDER BY u.minute"), args)
+                self.way = "recount"
+                return cols
+            self.conn.execute("DELETE FROM temp.wcells")
+        self.conn.execute(select.format(source="usage AS u INDEXED BY usage_key", where="",
+                                        order="ORDER BY u.minute"), (lo, hi))
+        self.way = "ordered"
+        return cols
 
     def reported_week(self, lo: int, hi: int) -> tuple[
             dict[tuple[str, str, str, str], Cell], dict[tuple[str, str, str], Cell],
@@ -511,15 +581,17 @@ class _Reader:
         hostcats = self.conn.execute(
             "SELECT host, categories, requests, blocked FROM temp.hostcats").fetchall()
         self._map({cats for _, cats, _, _ in hostcats})
-        self._minute_pass(lo, hi)
-        for user, role, category, window, requests, blocked, minutes in self.conn.execute(
-                "SELECT user, role, category, window, requests, blocked, minutes FROM temp.cells"):
-            if category == "*":
-                overall[(user, role, window)] = Cell(requests, blocked, minutes)
-                for same in self.same_as_any:
-                    per_category[(user, role, same, window)] = Cell(requests, blocked, minutes)
-            else:
-                per_category[(user, role, category, window)] = Cell(requests, blocked, minutes)
+        cols = self._minute_pass(lo, hi, span, ordered=self.ordered)
+        same_as_any = [c for c in self.social if c in self.same_as_any]
+        for user, role, window, requests, blocked, minutes, *each in self.conn.execute(
+                "SELECT user, role, window, requests, blocked, minutes"
+                + "".join(f", r{i}, b{i}, m{i}" for i in range(len(cols))) + " FROM temp.wcells"):
+            overall[(user, role, window)] = Cell(requests, blocked, minutes)
+            for same in same_as_any:
+                per_category[(user, role, same, window)] = Cell(requests, blocked, minutes)
+            for i, category in enumerate(cols):
+                if each[3 * i + 2]:  # some row of this category: its cell (as with "*")
+                    per_category[(user, role, category, window)] = Cell(*each[3 * i:3 * i + 3])
 
         cats: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         hosts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -542,20 +614,22 @@ class _Reader:
     def trend_week(self, lo: int, hi: int) -> tuple[dict[tuple[str, str], Cell], dict[str, Cell]]:
         """An earlier week: social media requests per (user, role) and per category.
 
-        One pass in rowid order (no minute order needed: older weeks show requests, not
-        active minutes), upserting per (user, role, categories JSON), which is small.
+        One pass in rowid order over the week's social rows only (the quoted names: a third of
+        the rows; no minute order needed: older weeks show requests, not active minutes),
+        upserting per (user, role, categories JSON), which is small.
         """
         users: dict[tuple[str, str], Cell] = {}
         per_category: dict[str, Cell] = {}
         span = self.span(lo, hi)
         if span is None or not self.social:
             return users, per_category
+        like, args = _like_any("categories", self.social)
         self.conn.execute("DELETE FROM temp.usercats")
         self.conn.execute(
             f"""INSERT INTO temp.usercats
                 SELECT ifnull(user, ''), ifnull(role, ''), categories, requests, blocked
-                FROM usage WHERE rowid BETWEEN ? AND ? AND minute >= ? AND minute < ?
-                {_UPSERT_COUNTS}""", (*span, lo, hi))
+                FROM usage WHERE rowid BETWEEN ? AND ? AND minute >= ? AND minute < ? AND {like}
+                {_UPSERT_COUNTS}""", (*span, lo, hi, *args))
         rows = self.conn.execute(
             "SELECT user, role, categories, requests, blocked FROM temp.usercats").fetchall()
         self._map(cats for _, _, cats, _, _ in rows)
@@ -628,12 +702,14 @@ def build_weekly(
                 social.append(member)
     trend_weeks = [shift_week(week, -k) for k in range(4, 0, -1)] + [week]
     lo, hi = int(start.timestamp()) // 60, int(end.timestamp()) // 60
-    # The four earlier weeks are read on two more connections in two threads (SQLite releases
-    # the GIL while a statement runs, so the passes share the cores). Each connection has its
-    # own snapshot; earlier weeks rarely change while a report is built (only an import).
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="filterd-report") as pool:
-        halves = [pool.submit(_earlier_weeks, db_path, part, tz, social, bypass_categories)
-                  for part in (trend_weeks[0:2], trend_weeks[2:4])]
+    # The four earlier weeks are read on _TREND_THREADS more connections in as many threads
+    # (SQLite releases the GIL while a statement runs, so the passes share the cores). Each
+    # connection has its own snapshot; earlier weeks rarely change while a report is built
+    # (only an import).
+    with ThreadPoolExecutor(max_workers=_TREND_THREADS, thread_name_prefix="filterd-report") as pool:
+        per = -(-4 // _TREND_THREADS)
+        halves = [pool.submit(_earlier_weeks, db_path, trend_weeks[i:i + per], tz, social,
+                              bypass_categories) for i in range(0, 4, per)]
         conn = connect_ro(db_path)
         try:
             reader = _Reader(conn, social, bypass_categories)

@@ -238,6 +238,77 @@ def test_list_categories_without_a_group(week_db: Path) -> None:
     assert r.bypass == [i for i in r.bypass if i.kind == "bypass"] and len(r.bypass) == 1  # the sensor's
 
 
+def _minute_way(db: Path, lo_hi: tuple[int, int]) -> str:
+    """How the reported week's active minutes were counted (rowid, recount or ordered)."""
+    conn = report.connect_ro(db)
+    try:
+        reader = report._Reader(conn, ["social_media", *GROUPS["social_media"]], ["bypass"])
+        reader.reported_week(*lo_hi)
+        return reader.way
+    finally:
+        conn.close()
+
+
+def _figures(r: report.WeeklyReport) -> tuple:
+    return (r.csv_text(), {c: [(x.requests, x.blocked, x.active_minutes) for x in cells]
+                           for c, cells in r.trend.items()},
+            [(u.user, u.role, u.previous) for u in r.users], r.top_categories, r.top_hosts)
+
+
+@pytest.mark.parametrize("late", [True, False])
+def test_active_minutes_whichever_way_they_are_counted(tmp_path: Path, late: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows in rowid order; users with a row stored late counted again; the week in minute
+    order: the same figures. ``late``: the test week as it is (a row stored after a later
+    minute of the same user); else without that row, stored in time order."""
+    verdicts = sorted(synthetic_week(), key=lambda x: x.time)
+    if not late:
+        verdicts = [x for x in verdicts if x.what.host != "m.youtube.com"]
+    else:  # the late row last, after everything (an import, a late write)
+        verdicts = ([x for x in verdicts if x.what.host != "m.youtube.com"]
+                    + [x for x in verdicts if x.what.host == "m.youtube.com"])
+    db = tmp_path / "filterd.db"
+    store = Store(db).open()
+    try:
+        store.record_batch(verdicts, source="import")
+    finally:
+        store.close()
+    start, end = report.week_bounds(WEEK, LONDON)
+    lo_hi = (int(start.timestamp()) // 60, int(end.timestamp()) // 60)
+
+    def build() -> report.WeeklyReport:
+        return report.build_weekly(db, WEEK, tz=LONDON, social_categories=["social_media"],
+                                   bypass_categories=["bypass"], groups=GROUPS,
+                                   now=datetime(2026, 3, 30, 7, 0, tzinfo=timezone.utc))
+
+    fast = build()
+    assert _minute_way(db, lo_hi) == ("recount" if late else "rowid")
+    unidentified = next(u for u in fast.users if u.user == report.UNIDENTIFIED)
+    assert unidentified.social_in("out_of_hours").active_minutes == 2
+    assert unidentified.social_in("out_of_hours").requests == (3 if late else 2)
+    monkeypatch.setattr(report, "_MAX_RECOUNT", 0)  # too many late users: all in minute order
+    assert _minute_way(db, lo_hi) == ("ordered" if late else "rowid")
+    assert _figures(build()) == _figures(fast)
+    monkeypatch.setattr(report._Reader, "ordered", True)
+    assert _minute_way(db, lo_hi) == "ordered"
+    assert _figures(build()) == _figures(fast)
+
+
+def test_week_span_is_exact(week_db: Path) -> None:
+    """The rowid range of a week holds every row of it, however the rows were stored."""
+    conn = report.connect_ro(week_db)
+    try:
+        reader = report._Reader(conn, ["social_media"], [])
+        for k in range(-6, 2):
+            start, end = report.week_bounds(report.shift_week(WEEK, k), LONDON)
+            lo, hi = int(start.timestamp()) // 60, int(end.timestamp()) // 60
+            a, b = conn.execute("SELECT min(rowid), max(rowid) FROM usage "
+                                "WHERE minute >= ? AND minute < ?", (lo, hi)).fetchone()
+            assert reader.span(lo, hi) == (None if a is None else (a, b))
+    finally:
+        conn.close()
+
+
 def test_empty_week_renders(week_db: Path) -> None:
     r = report.build_weekly(week_db, "2025-W01", tz=LONDON, school="S")
     assert r.users == [] and r.csv_text() == ",".join(report.CSV_COLUMNS) + "\r\n"
