@@ -8,7 +8,9 @@ Three figures, each in lines/s, measured in the same run on the same synthetic l
 2. import with a trivial ``request`` (parse + Verdict + ``Store.record_batch``): the importer's
    and the store's own cost;
 3. import through the real pipeline built from the config (identify, classify, window,
-   decide), as ``filterd import squid-log`` runs it: the figure the target is about.
+   decide) in this one process;
+4. the same with worker processes (``pipeline_factory``, one per CPU unless ``--workers``),
+   as ``filterd import squid-log`` runs it: the figure the target is about.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def trivial_request(url_or_host: str, *, ip: str | None, user: str | None, at: d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=500_000)
+    ap.add_argument("-w", "--workers", type=int, default=None,
+                    help="worker processes for the last figure (default: one per CPU)")
     ap.add_argument("-c", "--config", default=None, help="config for the real pipeline (default: the embedded one)")
     args = ap.parse_args()
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
@@ -109,11 +113,19 @@ def main() -> None:
             print(f"import, real pipeline:   not measured ({type(exc).__name__}: {exc})")
             return
         with Store(Path(tmp) / "real.db").open() as store:
-            stats = squidlog.import_log(log, pipe.request, store, tz=TZ)
+            stats = squidlog.import_log(log, pipe.request, store, tz=TZ, workers=1)
+        print(f"import, real, 1 process: {stats.lines_per_second:12,.0f} lines/s  "
+              f"({stats.imported:,} imported, {stats.skipped:,} skipped, {stats.seconds:.1f} s; "
+              f"pipeline built in {built:.1f} s)")
+        workers = args.workers or os.cpu_count() or 1
+        with Store(Path(tmp) / "real-parallel.db").open() as store:
+            stats = squidlog.import_log(log, pipe.request, store, tz=TZ, workers=workers,
+                                        pipeline_factory=squidlog.ConfigPipeline(args.config, leases=False))
         print(f"import, real pipeline:   {stats.lines_per_second:12,.0f} lines/s  "
               f"({stats.imported:,} imported, {stats.skipped:,} skipped, {stats.seconds:.1f} s; "
-              f"pipeline built in {built:.1f} s)  target >= 50,000: "
+              f"{workers} worker processes, as `filterd import squid-log`)  target >= 50,000: "
               f"{'OK' if stats.lines_per_second >= 50_000 else 'MISSED'}")
+        print(f"load average after:  {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

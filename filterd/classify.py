@@ -116,6 +116,7 @@ class Classifier:
                     self._groups[category] += (group,)
         self._categories = frozenset([s.category for s in stats] + list(groups))
         self._cache: dict[tuple, tuple] = {}
+        self._host_whats: dict[str, What] = {}  # classify_host: a log names a few thousand hosts
         self.index_path = index_path  #: the compiled file (None when built in memory)
         self.from_cache = from_cache  #: True when the index was mapped, not compiled
 
@@ -204,9 +205,13 @@ class Classifier:
     def classify_host(self, host: str) -> What:
         """Categories of a host alone (CONNECT, TLS SNI): domain entries and URL entries that
         cover the whole host; ValueError for a bad host."""
-        host = canonical_host(host)
-        # A URL entry for the whole host (path "/", no query) applies before any path is known.
-        hits = self._index.lookup(host[::-1] + ".", "/")
-        if not hits:
-            return What(host)
-        return What(host, None, *self._parts(hits))
+        what = self._host_whats.get(host)
+        if what is None:
+            canon = canonical_host(host)
+            # A URL entry for the whole host (path "/", no query) applies before any path is known.
+            hits = self._index.lookup(canon[::-1] + ".", "/")
+            what = What(canon, None, *self._parts(hits)) if hits else What(canon)
+            if len(self._host_whats) >= 16384:
+                self._host_whats.clear()
+            self._host_whats[host] = what
+        return what

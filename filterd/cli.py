@@ -545,7 +545,8 @@ def import_squid_log(ctx: Context, file: str) -> None:
 
         pipeline = ctx.pipeline()
         with ctx.store() as store:
-            stats = squidlog.import_log(Path(file), pipeline.request, store, progress=True, tz=ctx.tz())
+            stats = squidlog.import_log(Path(file), pipeline.request, store, progress=True, tz=ctx.tz(),
+                                        pipeline_factory=squidlog.ConfigPipeline(ctx.config_path))
         click.echo(stats.summary())
 
 

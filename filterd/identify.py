@@ -450,6 +450,10 @@ class Identifier:
         self.leases = leases
         # most specific first, per address family, so the first hit is the answer
         self._addresses: dict[str, tuple[str | None, Network | None]] = {}
+        # (ip as given, user) -> Who, when no lease applies: then the answer depends on nothing
+        # else (the Identifier is rebuilt, never patched, on reload), and building a frozen Who
+        # costs more than the rest of identify.
+        self._plain: dict[tuple[str | None, str | None], Who] = {}
         self._v4 = tuple(sorted((n for n in self.networks if n.network.version == 4),
                                 key=lambda n: -n.network.prefixlen))
         self._v6 = tuple(sorted((n for n in self.networks if n.network.version == 6),
@@ -490,9 +494,21 @@ class Identifier:
         """Who is behind a request from ``ip`` by authenticated ``user`` at ``at`` (aware)."""
         if at.tzinfo is None:
             raise ValueError("naive datetime: give a timezone-aware time")
+        given = ip
         ip, net = self._address(ip)
-        location = net.location if net else None
         lease = self.leases.lookup(ip, at) if (self.leases is not None and ip) else None
+        if lease is not None:
+            return self._who(ip, net, user, lease)
+        key = (given, user)
+        who = self._plain.get(key)
+        if who is None:
+            if len(self._plain) >= 65536:
+                self._plain.clear()
+            who = self._plain[key] = self._who(ip, net, user, None)
+        return who
+
+    def _who(self, ip: str | None, net: Network | None, user: str | None, lease: Lease | None) -> Who:
+        location = net.location if net else None
         device = (lease.mac or lease.hostname) if lease else None
 
         if user:

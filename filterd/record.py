@@ -42,6 +42,7 @@ that reports can total requests from one table; ``events`` holds each incident's
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -134,6 +135,14 @@ def _epoch(value: float | datetime | None) -> float | None:
 
 
 def _cats(categories: tuple[str, ...] | Sequence[str]) -> str:
+    if type(categories) is tuple:
+        return _cats_of_tuple(categories)
+    return json.dumps(list(categories))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cats_of_tuple(categories: tuple[str, ...]) -> str:
+    """Verdicts carry a few dozen distinct category tuples: encode each once."""
     return json.dumps(list(categories))
 
 

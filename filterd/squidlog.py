@@ -25,17 +25,21 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import os
 import sys
 import time as _time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from operator import attrgetter
+from typing import BinaryIO, NamedTuple, Protocol
 from urllib.parse import unquote
 
 from filterd.errors import FilterdError
-from filterd.verdict import Verdict
+from filterd.verdict import Match, Verdict, What, Who
 
 #: How many bytes of the file's first line identify it (a longer first line is cut here).
 HEAD_BYTES = 4096
@@ -86,6 +90,24 @@ def _client_ip(raw: str) -> str:
     return ip
 
 
+_code_cache: dict[str, tuple[str, int]] = {}
+_new_line = tuple.__new__
+_INF = math.inf
+
+
+def _code_status(raw: str) -> tuple[str, int]:
+    """``TCP_MISS/200`` -> ("TCP_MISS", 200); cached: a log has a few dozen distinct ones."""
+    code, sep, status_raw = raw.partition("/")
+    if not sep or not code:
+        raise SquidLineError(f"result code is not CODE/STATUS: {raw[:60]!r}")
+    if not status_raw.isdigit() or not status_raw.isascii():
+        raise SquidLineError(f"HTTP status is not a number: {raw[:60]!r}")
+    if len(_code_cache) > 4096:
+        _code_cache.clear()
+    found = _code_cache[raw] = (code, int(status_raw))
+    return found
+
+
 def parse_line(line: str) -> SquidLine:
     """Parse one native-format line; raise :class:`SquidLineError` naming what is wrong.
 
@@ -94,41 +116,36 @@ def parse_line(line: str) -> SquidLine:
     way Squid encodes it (``SCHOOL%5Cjsmith`` -> ``SCHOOL\\jsmith``).
     """
     parts = line.split(None, 10)
-    if not parts:
-        raise SquidLineError("empty line")
     if len(parts) < 10:
-        raise SquidLineError(f"expected 10 fields, found {len(parts)}")
-    t_raw, _elapsed, client, code_status, _size, method, url, user = parts[:8]
+        raise SquidLineError(f"expected 10 fields, found {len(parts)}" if parts else "empty line")
+    t_raw = parts[0]
     try:
         t = float(t_raw)
     except ValueError:
         raise SquidLineError(f"time is not a number: {t_raw[:40]!r}") from None
-    if not math.isfinite(t) or t <= 0:
+    if not 0 < t < _INF:  # also false for NaN
         raise SquidLineError(f"time out of range: {t_raw[:40]!r}")
-    client = _client_ip(client)
-    code, sep, status_raw = code_status.partition("/")
-    if not sep or not code:
-        raise SquidLineError(f"result code is not CODE/STATUS: {code_status[:60]!r}")
-    if not status_raw.isdigit() or not status_raw.isascii():
-        raise SquidLineError(f"HTTP status is not a number: {code_status[:60]!r}")
+    client = parts[2]
+    client = _ip_cache.get(client) or _client_ip(client)
+    code_status = parts[3]
+    code, status = _code_cache.get(code_status) or _code_status(code_status)
+    method = parts[5]
     if method not in _KNOWN_METHODS and (not method[0].isalpha() or not set(method) <= _METHOD_CHARS):
         raise SquidLineError(f"no request method: {method[:40]!r}")
+    url = parts[6]
     host_only = method == "CONNECT"
     if host_only:
-        if "/" in url or not url or url.startswith(":"):
+        if "/" in url or url.startswith(":"):
             raise SquidLineError(f"CONNECT target is not host:port: {url[:200]!r}")
     elif "://" not in url:
         raise SquidLineError(f"no URL: {url[:200]!r}")
-    return SquidLine(
-        time=t,
-        client=client,
-        code=code,
-        status=int(status_raw),
-        method=method,
-        url=url,
-        user=None if user == "-" else (unquote(user) if "%" in user else user),
-        host_only=host_only,
-    )
+    user = parts[7]
+    if user == "-":
+        user = None
+    elif "%" in user:
+        user = unquote(user)
+    # tuple.__new__ rather than SquidLine(...): the same tuple without a Python-level __new__
+    return _new_line(SquidLine, (t, client, code, status, method, url, user, host_only))
 
 
 class ImportStore(Protocol):
@@ -235,6 +252,236 @@ class _Progress:
             sys.stderr.flush()
 
 
+# --- deciding lines (shared by the single-process path and the worker processes) ----------------
+
+#: A file at least this big (bytes still to import) is decided by worker processes when the
+#: caller gives a ``pipeline_factory`` (about 20,000 lines: smaller ones finish before the
+#: workers would have started).
+PARALLEL_MIN_BYTES = 2_000_000
+#: How many chunks may be out at the workers at once, per worker (bounds memory on big files).
+_IN_FLIGHT_PER_WORKER = 3
+#: Whether the importing process decides chunks itself while every worker is busy (and while
+#: the workers start, which takes a few tenths of a second) rather than wait.
+_PARENT_HELPS = True
+
+
+def _lines_of(data: bytes) -> tuple[list[str], list[int]]:
+    """The chunk's lines as text (without their newlines) and the indexes of non-UTF-8 lines.
+
+    One ``decode`` for the whole chunk: a UTF-8 newline byte is never part of another
+    character, so splitting the text on "\\n" gives the same lines as splitting the bytes.
+    A line that is not UTF-8 comes back as "" and is listed in the second value.
+    """
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines, bad = [], []
+        for i, raw in enumerate(data.split(b"\n")):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                lines.append("")
+                bad.append(i)
+        lines.pop()  # after the last newline
+        return lines, bad
+    lines.pop()
+    return lines, []
+
+
+def _decide(data: bytes, request: RequestFn, tz: tzinfo, keep: Callable[[Verdict], object],
+            skips: list[tuple[int, str]], max_skips: int) -> tuple[int, int, int, list[Verdict]]:
+    """Parse and judge every line of ``data`` (whole lines, each ending in a newline).
+
+    Returns (lines, imported, skipped, the verdicts for which ``keep`` is true, in line
+    order); the first ``max_skips`` skips are appended to ``skips`` as (line index from 1
+    within the chunk, reason). An exception from ``request`` other than ValueError propagates.
+    """
+    lines, bad = _lines_of(data)
+    bad_set = frozenset(bad)
+    kept: list[Verdict] = []
+    append = kept.append
+    keep_all = keep is _keep_all
+    parse = parse_line
+    fromtimestamp = datetime.fromtimestamp
+    skipped = 0
+    imported = 0
+    n = 0
+    for text in lines:
+        n += 1
+        try:
+            if bad_set and n - 1 in bad_set:
+                raise SquidLineError("not UTF-8 text")
+            rec = parse(text)
+            verdict = request(rec[5], ip=rec[1], user=rec[6], at=fromtimestamp(rec[0], tz),
+                              method=rec[4], host_only=rec[7])
+        except SquidLineError as exc:
+            reason = str(exc)
+        except ValueError as exc:
+            reason = f"bad URL: {exc}"[:300]
+        else:
+            imported += 1
+            if keep_all or keep(verdict):
+                append(verdict)
+            continue
+        skipped += 1
+        if len(skips) < max_skips:
+            skips.append((n, reason))
+    return n, imported, skipped, kept
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity, not every CPU of the machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _keep_all(verdict: Verdict) -> bool:
+    return True
+
+
+def _keeper(store: object) -> Callable[[Verdict], object]:
+    """Which verdicts can change what ``store.record_batch`` writes.
+
+    ``Store.record_batch`` counts every incident, and every other request unless it is an
+    allowed one with no category and the store does not record allowed requests; the
+    parallel path leaves those out of what the workers send back (they are most of a log).
+    A store without ``record_allowed`` gets everything.
+    """
+    return _keep_all if getattr(store, "record_allowed", True) is not False else _keep_recorded
+
+
+def _keep_recorded(v: Verdict) -> object:
+    return v.action != "allow" or v.what.categories or v.is_incident
+
+
+# --- the verdicts' trip from a worker to the importing process ----------------------------------
+# A Verdict is pickled field by field through Python code (frozen slots dataclasses): ~70 us
+# a verdict there and back. As plain tuples it is a few microseconds.
+
+_VERDICT_FIELDS = tuple(f.name for f in dataclass_fields(Verdict))
+_WHO_FIELDS = tuple(f.name for f in dataclass_fields(Who))
+_MATCH_FIELDS = tuple(f.name for f in dataclass_fields(Match))
+_REST = tuple(n for n in _VERDICT_FIELDS if n not in ("time", "who", "what"))
+assert _VERDICT_FIELDS[:3] == ("time", "who", "what"), _VERDICT_FIELDS
+assert tuple(f.name for f in dataclass_fields(What)) == ("host", "url", "categories", "matches")
+_get_rest = attrgetter(*_REST)
+_get_who = attrgetter(*_WHO_FIELDS)
+_get_match = attrgetter(*_MATCH_FIELDS)
+
+
+def _pack(v: Verdict) -> tuple:
+    w = v.what
+    matches = tuple(map(_get_match, w.matches)) if w.matches else ()
+    return (v.time, _get_who(v.who), (w.host, w.url, w.categories, matches), *_get_rest(v))
+
+
+class _Unpacker:
+    """Rebuilds verdicts from ``_pack`` tuples; equal Who/What parts share one object."""
+
+    def __init__(self) -> None:
+        self._who: dict[tuple, Who] = {}
+
+    def __call__(self, packed: tuple) -> Verdict:
+        t, who_t, (host, url, categories, matches), *rest = packed
+        who = self._who.get(who_t)
+        if who is None:
+            if len(self._who) >= 65536:
+                self._who.clear()
+            who = self._who[who_t] = Who(*who_t)
+        what = What(host, url, categories, tuple(Match(*m) for m in matches) if matches else ())
+        return Verdict(t, who, what, *rest)
+
+
+_worker_state: dict[str, object] = {}
+
+
+def _worker_init(factory: Callable[[], RequestFn], tz: tzinfo, record_allowed: bool) -> None:
+    """In each worker process: build the pipeline once.
+
+    An error is kept and raised by the first chunk, so that the importer reports it as it
+    is (a failing initializer would only break the pool, with no reason given).
+    """
+    try:
+        _worker_state["request"] = factory()
+    except BaseException as exc:  # noqa: BLE001 - re-raised in _worker_decide
+        _worker_state["error"] = exc
+    _worker_state["tz"] = tz
+    _worker_state["keep"] = _keep_all if record_allowed else _keep_recorded
+
+
+def _worker_decide(data: bytes) -> tuple[int, int, int, list[tuple[int, str]], list[tuple]]:
+    """In a worker: one chunk's (lines, imported, skipped, first skips, packed verdicts)."""
+    error = _worker_state.get("error")
+    if error is not None:
+        raise error  # type: ignore[misc]
+    skips: list[tuple[int, str]] = []
+    n, imported, skipped, kept = _decide(data, _worker_state["request"], _worker_state["tz"],  # type: ignore[arg-type]
+                                         _worker_state["keep"], skips, MAX_SKIPS_KEPT)  # type: ignore[arg-type]
+    return n, imported, skipped, skips, [_pack(v) for v in kept]
+
+
+@dataclass(frozen=True)
+class ConfigPipeline:
+    """A ``pipeline_factory`` for worker processes: the pipeline ``filterd`` builds from a config.
+
+    Picklable (it travels to the workers by name and path), and built the way the CLI builds
+    its own: ``pipeline.build`` with the DHCP leases the store holds, unless ``leases`` is False.
+    """
+
+    config_path: str | None = None
+    leases: bool = True
+
+    def __call__(self) -> RequestFn:
+        from filterd import config as config_mod
+        from filterd import identify, pipeline
+
+        cfg = config_mod.load(self.config_path)
+        table = identify.LeaseTable()
+        built = pipeline.build(cfg, leases=table)
+        db = cfg.data_path("storage", "path")
+        if self.leases and db.exists():
+            from filterd.record import Store  # only here: sqlite_utils takes 0.15 s to import
+
+            table.replace(identify.Lease(mac=r["mac"], ip=r["ip"], hostname=r["hostname"],
+                                         user=r["user"], start=r["start"], expires=r["expires"])
+                          for r in Store(db).leases())
+        return built.request
+
+
+def _chunks(fh: BinaryIO, chunk_lines: int, block: int = 1 << 22) -> Iterator[tuple[bytes, int]]:
+    """Whole lines from ``fh`` in chunks of ``chunk_lines`` (fewer in the last): (data, lines).
+
+    A last line without its newline (Squid still writing) is not returned.
+    """
+    buf = b""
+    start = 0  # where the current chunk starts in buf
+    pos = -1  # its last newline found so far
+    n = 0  # and how many lines it has
+    eof = False
+    while True:
+        nxt = buf.find(b"\n", pos + 1)
+        if nxt >= 0:
+            pos = nxt
+            n += 1
+            if n == chunk_lines:
+                yield buf[start:pos + 1], n
+                start, n = pos + 1, 0
+            continue
+        if eof:
+            if n:
+                yield buf[start:pos + 1], n
+            return
+        more = fh.read(block)
+        if not more:
+            eof = True
+            continue
+        buf = buf[start:] + more
+        pos -= start
+        start = 0
+
+
 def import_log(
     path: Path,
     request: RequestFn,
@@ -244,6 +491,8 @@ def import_log(
     tz: tzinfo,
     chunk_lines: int = CHUNK_LINES,
     alert_window: timedelta = timedelta(hours=1),
+    pipeline_factory: Callable[[], RequestFn] | None = None,
+    workers: int | None = None,
 ) -> ImportStats:
     """Replay every new line of ``path`` through ``request`` and record the verdicts.
 
@@ -255,6 +504,13 @@ def import_log(
     ``ValueError`` from it (a URL the parser refuses) skips that line. Verdicts and the new
     byte offset are committed together every ``chunk_lines`` lines. Only complete lines are
     read: a last line without its newline (Squid still writing) waits for the next import.
+
+    With ``pipeline_factory`` (a picklable callable returning a ``request`` equivalent to the
+    one given, e.g. :class:`ConfigPipeline`), a big file (``PARALLEL_MIN_BYTES`` still to
+    read) is decided by ``workers`` processes (default: one per CPU), each building its own
+    pipeline once; this process keeps reading, numbering and committing in file order, so
+    counts, line numbers, offsets and crash safety are those of the one-process path.
+    ``workers`` given explicitly (>= 2) uses the workers whatever the size; 1 never does.
     """
     path = Path(path)
     started = _time.monotonic()
@@ -272,64 +528,116 @@ def import_log(
     stats = ImportStats(source=source, path=str(path), start_offset=offset,
                         start_line=start_line, end_offset=offset)
     bar = _Progress(progress, size)
+    resolved = str(path.resolve())
+    chunk_lines = max(1, chunk_lines)
+    if workers is None:
+        workers = _cpus() if size - offset >= PARALLEL_MIN_BYTES else 1
+    parallel = pipeline_factory is not None and workers >= 2
+
     line_no = start_line
     pos = offset
-    batch: list[Verdict] = []
-    pending_lines = 0
     kept = stats.skips
 
-    def skip(reason: str) -> None:
-        stats.skipped += 1
-        if len(kept) < MAX_SKIPS_KEPT:
-            kept.append((line_no, reason))
-
-    def commit() -> None:
-        store.record_batch(batch, source="import", import_source=source,
-                           import_path=str(path.resolve()), import_offset=pos,
+    def commit(verdicts: Iterable[Verdict], data: bytes, n: int, imported: int, skipped: int,
+               skips: list[tuple[int, str]]) -> None:
+        nonlocal line_no, pos
+        for i, reason in skips:
+            if len(kept) >= MAX_SKIPS_KEPT:
+                break
+            kept.append((line_no + i, reason))
+        line_no += n
+        pos += len(data)
+        store.record_batch(verdicts, source="import", import_source=source,
+                           import_path=resolved, import_offset=pos,
                            import_lines=line_no, alert_after=alert_after)
+        stats.lines += n
+        stats.imported += imported
+        stats.skipped += skipped
         stats.end_offset = pos
-        batch.clear()
+        bar.update(pos, stats.lines, started)
 
     with path.open("rb") as fh:
         fh.seek(offset)
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break  # an unfinished last line: the next import picks it up
-            pos += len(raw)
-            line_no += 1
-            stats.lines += 1
-            pending_lines += 1
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skip("not UTF-8 text")
-            else:
-                try:
-                    rec = parse_line(text)
-                except SquidLineError as exc:
-                    skip(str(exc))
-                else:
-                    try:
-                        verdict = request(
-                            rec.url,
-                            ip=rec.client,
-                            user=rec.user,
-                            at=datetime.fromtimestamp(rec.time, tz),
-                            method=rec.method,
-                            host_only=rec.host_only,
-                        )
-                    except ValueError as exc:
-                        skip(f"bad URL: {exc}"[:300])
-                    else:
-                        batch.append(verdict)
-                        stats.imported += 1
-            if pending_lines >= chunk_lines:
-                commit()
-                pending_lines = 0
-                bar.update(pos, stats.lines, started)
-    if pending_lines or batch:
-        commit()
+        chunks = _chunks(fh, chunk_lines)
+        if parallel:
+            _import_parallel(chunks, commit, pipeline_factory, request, tz,  # type: ignore[arg-type]
+                             workers, _keeper(store), MAX_SKIPS_KEPT)
+        else:
+            for data, _n in chunks:
+                skips: list[tuple[int, str]] = []
+                n, imported, skipped, verdicts = _decide(data, request, tz, _keep_all, skips,
+                                                         MAX_SKIPS_KEPT - len(kept))
+                commit(verdicts, data, n, imported, skipped, skips)
     bar.update(pos, stats.lines, started, force=True)
     bar.done()
     stats.seconds = _time.monotonic() - started
     return stats
+
+
+def _import_parallel(chunks: Iterator[tuple[bytes, int]], commit: Callable[..., None],
+                     factory: Callable[[], RequestFn], request: RequestFn, tz: tzinfo,
+                     workers: int, keep: Callable[[Verdict], object], max_skips: int) -> None:
+    """Hand chunks to ``workers`` processes and commit their results in file order.
+
+    While every worker is busy (and while they start: building a pipeline takes a few tenths
+    of a second), this process decides the next chunk itself with ``request`` rather than wait.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    # forkserver: the workers do not inherit this process's threads (the store's writer)
+    # or its open database connections, and start faster than with spawn.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # imported once by the fork server rather than by every worker (when it starts here)
+        ctx.set_forkserver_preload(["__main__", "filterd.squidlog", "filterd.pipeline",
+                                    "filterd.config"])
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    unpack = _Unpacker()
+    # in file order: a Future of a worker's packed result, or a result decided here
+    pending: deque[tuple[concurrent.futures.Future | None, tuple, bytes]] = deque()
+    busy = workers * _IN_FLIGHT_PER_WORKER
+    submitted = 0
+
+    def commit_head() -> None:
+        nonlocal submitted
+        future, local, data = pending.popleft()
+        if future is None:
+            commit(*local)
+            return
+        submitted -= 1
+        n, imported, skipped, skips, packed = future.result()
+        commit(map(unpack, packed), data, n, imported, skipped, skips)
+
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_worker_init,
+            initargs=(factory, tz, keep is _keep_all)) as pool:
+        try:
+            for data, _n in chunks:
+                while pending and (pending[0][0] is None or pending[0][0].done()):
+                    commit_head()
+                if submitted < busy:
+                    pending.append((pool.submit(_worker_decide, data), (), data))
+                    submitted += 1
+                elif _PARENT_HELPS and len(pending) < 2 * busy:
+                    skips: list[tuple[int, str]] = []
+                    try:
+                        n, imported, skipped, verdicts = _decide(data, request, tz, keep, skips,
+                                                                 max_skips)
+                    except BaseException:
+                        while pending:  # the chunks before this one are committed first
+                            commit_head()
+                        raise
+                    pending.append((None, (verdicts, data, n, imported, skipped, skips), data))
+                else:
+                    commit_head()
+                    pending.append((pool.submit(_worker_decide, data), (), data))
+                    submitted += 1
+            while pending:
+                commit_head()
+        except BaseException:
+            for future, _, _ in pending:
+                if future is not None:
+                    future.cancel()
+            raise

@@ -198,3 +198,153 @@ def test_source_identity_ignores_name_but_not_head(tmp_path: Path) -> None:
     b.write_bytes(b"line one\nsomething else entirely\n")
     c.write_bytes(b"line 1\n")
     assert squidlog.file_source(a) == squidlog.file_source(b) != squidlog.file_source(c)
+
+
+# --- the parallel path (worker processes) -------------------------------------------------
+
+class Judge:
+    """A picklable, deterministic stand-in for a pipeline, the same in every process.
+
+    Hosts with '..' are a bad URL, with 'crash' an unexpected error; 'block' is a blocked
+    incident, 'social' is logged with a category, the rest is allowed with none (what a
+    store that does not record allowed requests drops, and the workers do not send back).
+    """
+
+    def __call__(self, url_or_host: str, *, ip: str | None, user: str | None, at: datetime,
+                 method: str | None = None, host_only: bool = False) -> Verdict:
+        host = url_or_host.rsplit(":", 1)[0] if host_only else urlsplit(url_or_host).hostname or ""
+        if ".." in host:
+            raise ValueError(f"invalid host {host!r}")
+        if "crash" in host:
+            raise RuntimeError("simulated crash")
+        cats = ("social_media",) if "social" in host else ()
+        action = "block" if "block" in host else ("log" if cats else "allow")
+        return Verdict(time=at, who=Who(ip=ip, user=user, role="pupil", source="auth" if user else "none"),
+                       what=What(host=host, url=None if host_only else url_or_host, categories=cats),
+                       window="contact", action=action, alert=action == "block",
+                       rule="no-bad" if action == "block" else None, method=method)
+
+
+def judge_factory() -> Judge:
+    return Judge()
+
+
+def broken_factory() -> Judge:
+    raise FilterdError("cannot build the pipeline in a worker")
+
+
+def mixed_log(path: Path, lines: int, extra: bytes = b"") -> None:
+    """Every kind of line the importer meets, in a repeatable mix (with a non-UTF-8 line)."""
+    hosts = ["www.social.example", "block.example", "plain.example", "other.example", "bad..host"]
+    out = []
+    for i in range(lines):
+        t = 1774260000 + i * 0.7
+        host = hosts[i % len(hosts)] if i % 3 else hosts[(i // 3) % 4]
+        user = "-" if i % 4 else f"u{i % 7}"
+        if i % 101 == 50:
+            out.append(b"garbage line\n")
+        elif i % 257 == 100:
+            out.append(b"1774260000.5 1 10.0.0.1 TCP_MISS/200 5 GET http://caf\xe9.example/ - HIER_DIRECT/1.1.1.1 -\n")
+        elif i % 2:
+            out.append(f"{t:.3f} 5 10.20.{i % 3}.{i % 11 + 1} TCP_TUNNEL/200 10 CONNECT {host}:443 {user} "
+                       "HIER_DIRECT/1.2.3.4 -\n".encode())
+        else:
+            out.append(f"{t:.3f} 5 10.20.{i % 3}.{i % 11 + 1} TCP_MISS/200 10 GET http://{host}/p?{i} {user} "
+                       "HIER_DIRECT/1.2.3.4 text/html\n".encode())
+    path.write_bytes(b"".join(out) + extra)
+
+
+def table(db: Path, name: str) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({name})") if r[1] not in ("id", "ref", "updated")]
+        return conn.execute(f"SELECT {', '.join(cols)} FROM {name} ORDER BY {', '.join(cols)}").fetchall()
+
+
+def test_parallel_import_of_the_fixture_matches(log: Path, store: Store) -> None:
+    stats = import_log(log, Recorder(), store, tz=LONDON, chunk_lines=3, workers=2,
+                       pipeline_factory=judge_factory)
+    assert (stats.lines, stats.imported, stats.skipped) == (12, 7, 5)
+    assert [n for n, _ in stats.skips] == [5, 6, 8, 9, 10]
+    assert stats.skips[0] == (5, "expected 10 fields, found 7")
+    assert stats.skips[4][1].startswith("bad URL: invalid host")
+    assert stats.end_offset == log.stat().st_size
+    again = import_log(log, Recorder(), store, tz=LONDON, workers=2, pipeline_factory=judge_factory)
+    assert (again.lines, again.imported, again.start_line) == (0, 0, 12)
+
+
+@pytest.mark.parametrize("record_allowed", [False, True])
+def test_parallel_import_writes_what_one_process_writes(tmp_path: Path, record_allowed: bool) -> None:
+    path = tmp_path / "access.log"
+    # the unfinished last line is left for the next import by both paths
+    unfinished = b"1774262200.000 5 10.20.3.9 TCP_MISS/200 1 GET http://x.example/"
+    mixed_log(path, 3000, extra=unfinished)
+    results = {}
+    for workers in (1, 2):
+        db = tmp_path / f"w{workers}.db"
+        with Store(db, record_allowed=record_allowed).open() as s:
+            stats = import_log(path, Judge(), s, tz=LONDON, chunk_lines=97, workers=workers,
+                               pipeline_factory=judge_factory)
+            again = import_log(path, Judge(), s, tz=LONDON, workers=workers, pipeline_factory=judge_factory)
+        assert again.lines == 0
+        results[workers] = ((stats.lines, stats.imported, stats.skipped, stats.skips, stats.end_offset),
+                            table(db, "usage"), table(db, "events"), table(db, "alerts"), table(db, "imports"))
+    one, many = results[1], results[2]
+    assert one[0][:3] == (3000, 2563, 437) and one[0][4] == path.stat().st_size - len(unfinished)
+    assert {reason for _, reason in one[0][3]} == {"expected 10 fields, found 2", "not UTF-8 text",
+                                                    "bad URL: invalid host 'bad..host'"}
+    assert one[1] and one[2]  # usage rows and incidents were written
+    assert many == one
+
+
+def test_parallel_crash_resumes_without_double_counting(tmp_path: Path, store: Store) -> None:
+    path = tmp_path / "access.log"
+    mixed_log(path, 1000)
+    lines = path.read_bytes().splitlines(keepends=True)
+    line = b"1774262000.000 5 10.20.3.9 TCP_MISS/200 1 GET http://%s/ - HIER_DIRECT/1.2.3.4 text/html\n"
+    lines[701] = line % b"crash.example"  # line 702: in the 8th chunk of 100 lines
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        import_log(path, Judge(), store, tz=LONDON, chunk_lines=100, workers=2, pipeline_factory=judge_factory)
+    assert store.import_offset(squidlog.file_source(path)) == len(b"".join(lines[:700]))
+    done = totals(store.path)[0]
+    lines[701] = line % b"plain.example"
+    path.write_bytes(b"".join(lines))
+    resumed = import_log(path, Judge(), store, tz=LONDON, chunk_lines=100, workers=2,
+                         pipeline_factory=judge_factory)
+    assert (resumed.start_line, resumed.lines) == (700, 300)
+    assert all(n > 700 for n, _ in resumed.skips)
+    with Store(tmp_path / "once.db").open() as once:
+        import_log(path, Judge(), once, tz=LONDON, workers=1)
+    assert totals(store.path)[0] == totals(once.path)[0] > done
+
+
+def test_worker_pipeline_error_is_reported(tmp_path: Path, store: Store) -> None:
+    path = tmp_path / "access.log"
+    mixed_log(path, 50)
+    with pytest.raises(FilterdError, match="cannot build the pipeline in a worker"):
+        import_log(path, Judge(), store, tz=LONDON, chunk_lines=10, workers=2, pipeline_factory=broken_factory)
+    assert totals(store.path) == (0, 0) and store.import_offset(squidlog.file_source(path)) == 0
+
+
+def test_small_files_and_plain_callables_stay_in_process(log: Path, store: Store, monkeypatch) -> None:
+    def no_pool(*args, **kwargs):
+        raise AssertionError("worker processes started")
+
+    monkeypatch.setattr(squidlog, "_import_parallel", no_pool)
+    assert import_log(log, Recorder(), store, tz=LONDON, pipeline_factory=judge_factory).imported == 7
+    assert import_log(log, Recorder(), store, tz=LONDON, workers=4).lines == 0  # no factory
+
+
+def test_chunks_are_whole_lines_of_the_asked_size() -> None:
+    import io
+    import random
+
+    rng = random.Random(3)
+    for _ in range(300):
+        lines = [b"x" * rng.randrange(0, 30) + b"\n" for _ in range(rng.randrange(0, 60))]
+        unfinished = b"y" * rng.randrange(0, 5)
+        size, block = rng.randrange(1, 10), rng.randrange(1, 50)
+        got = list(squidlog._chunks(io.BytesIO(b"".join(lines) + unfinished), size, block))
+        assert b"".join(data for data, _ in got) == b"".join(lines)
+        assert [n for _, n in got] == [data.count(b"\n") for data, _ in got]
+        assert all(n == size for _, n in got[:-1]) and (not got or 0 < got[-1][1] <= size)
