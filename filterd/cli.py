@@ -465,8 +465,11 @@ def purge(ctx: Context, user: str, yes: bool) -> None:
     with errors_as_exit():
         if not yes:
             click.confirm(f"Delete every record about {user}?", abort=True)
+        from filterd import jobs, report
+
         with ctx.store() as store:
             counts = store.purge_user(user)
+        report.clear_cache(jobs.trend_cache(ctx.config))  # past weeks' totals name people too
         click.echo(f"{user}: deleted " + ", ".join(f"{n} {table}" for table, n in counts.items()))
 
 
@@ -529,8 +532,10 @@ def import_group() -> None:
 
 @import_group.command("squid-log")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--workers", type=click.IntRange(min=1), help="Processes deciding lines (default: one per CPU; "
+              "use 1 on a busy gateway).")
 @pass_ctx
-def import_squid_log(ctx: Context, file: str) -> None:
+def import_squid_log(ctx: Context, file: str, workers: int | None) -> None:
     """Replay a Squid native access.log through identify, classify, window, decide and record.
 
     Each line is judged at its own time; malformed lines are skipped and counted with their
@@ -539,6 +544,7 @@ def import_squid_log(ctx: Context, file: str) -> None:
     \b
     Example:
         filterd import squid-log /var/log/squid/access.log
+        nice filterd import squid-log --workers 1 access.log.1
     """
     with errors_as_exit():
         from filterd import squidlog
@@ -546,7 +552,8 @@ def import_squid_log(ctx: Context, file: str) -> None:
         pipeline = ctx.pipeline()
         with ctx.store() as store:
             stats = squidlog.import_log(Path(file), pipeline.request, store, progress=True, tz=ctx.tz(),
-                                        pipeline_factory=squidlog.ConfigPipeline(ctx.config_path))
+                                        pipeline_factory=squidlog.ConfigPipeline(ctx.config_path),
+                                        workers=workers)
         click.echo(stats.summary())
 
 

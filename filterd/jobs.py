@@ -41,6 +41,11 @@ def archive_dir(config: Config) -> Path:
     return config.data_path("report", "archive")
 
 
+def trend_cache(config: Config) -> Path:
+    """Where the weekly report keeps the totals of past weeks (names and counts)."""
+    return archive_dir(config) / ".cache"
+
+
 def weekly_report(config: Config, db: Path, directory, tz, week: str, *, send: bool = True,
                   out: Path | None = None) -> list[Path]:
     """Build a week's report, keep it in the archive (or ``out``) and, with ``send``, mail it
@@ -48,7 +53,7 @@ def weekly_report(config: Config, db: Path, directory, tz, week: str, *, send: b
     r = config.sections["report"]
     built = report.build_weekly(db, week, tz=tz, directory=directory, school=config.get("school", "name"),
                                 social_categories=r["social_categories"], bypass_categories=r["bypass_categories"],
-                                groups=config.categories)
+                                groups=config.categories, cache_dir=trend_cache(config))
     folder = out or archive_dir(config)
     paths = built.write(folder)
     if send:

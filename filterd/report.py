@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -45,6 +46,8 @@ from filterd import __version__
 from filterd.errors import FilterdError
 from filterd.resources import shipped
 from filterd.verdict import WINDOWS
+
+log = logging.getLogger("filterd.report")
 
 #: Readable names of the windows, in the order the report shows them.
 WINDOW_LABELS = {"contact": "Contact time", "non_contact": "Non-contact", "out_of_hours": "Out of hours"}
@@ -686,13 +689,16 @@ def build_weekly(
     groups: Mapping[str, Sequence[str]] | None = None,
     staff_roles: Sequence[str] = ("staff",),
     now: datetime | None = None,
+    cache_dir: Path | None = None,
 ) -> WeeklyReport:
     """Read the week ``week`` (``YYYY-Www``, local to ``tz``) from the store at ``db_path``.
 
     ``directory`` (``identify.Directory``) adds year and form; ``groups`` (the config's
     category map) expands a social group such as ``social_media`` into its list categories
     so the report shows both the group total and the parts. ``staff_roles`` are the roles
-    that policy 6.9 applies to.
+    that policy 6.9 applies to. With ``cache_dir``, the totals of the four earlier weeks are
+    kept there and reused while the store's past is unchanged (see ``_earlier_weeks``), so a
+    Monday report reads one week of rows, not five.
     """
     start, end = week_bounds(week, tz)
     social = list(dict.fromkeys(social_categories))
@@ -709,7 +715,7 @@ def build_weekly(
     with ThreadPoolExecutor(max_workers=_TREND_THREADS, thread_name_prefix="filterd-report") as pool:
         per = -(-4 // _TREND_THREADS)
         halves = [pool.submit(_earlier_weeks, db_path, trend_weeks[i:i + per], tz, social,
-                              bypass_categories) for i in range(0, 4, per)]
+                              bypass_categories, cache_dir) for i in range(0, 4, per)]
         conn = connect_ro(db_path)
         try:
             reader = _Reader(conn, social, bypass_categories)
@@ -807,20 +813,78 @@ def build_weekly(
 
 
 def _earlier_weeks(db_path: Path, weeks: Sequence[str], tz: tzinfo, social: Sequence[str],
-                   bypass: Sequence[str]) -> list[tuple[dict[tuple[str, str], Cell], dict[str, Cell]]]:
-    """Social media requests per (user, role) and per category for each of ``weeks``."""
+                   bypass: Sequence[str], cache_dir: Path | None = None
+                   ) -> list[tuple[dict[tuple[str, str], Cell], dict[str, Cell]]]:
+    """Social media requests per (user, role) and per category for each of ``weeks``.
+
+    A past week only changes through an import, a retention purge or a person's erasure;
+    the cache key (``_past_marker``) moves with each of them, so a cached week is exact.
+    """
     conn = connect_ro(db_path)
     try:
         reader = _Reader(conn, social, bypass)
         out = []
         with conn:
             conn.execute("BEGIN")
+            marker = _past_marker(conn, social, tz) if cache_dir is not None else None
             for w in weeks:
-                ws, we = week_bounds(w, tz)
-                out.append(reader.trend_week(int(ws.timestamp()) // 60, int(we.timestamp()) // 60))
+                cached = _read_trend(cache_dir, w, marker) if cache_dir is not None else None
+                if cached is None:
+                    ws, we = week_bounds(w, tz)
+                    cached = reader.trend_week(int(ws.timestamp()) // 60, int(we.timestamp()) // 60)
+                    if cache_dir is not None:
+                        _write_trend(cache_dir, w, marker, cached)
+                out.append(cached)
         return out
     finally:
         conn.close()
+
+
+def _past_marker(conn: sqlite3.Connection, social: Sequence[str], tz: tzinfo) -> list:
+    """What a cached earlier week depends on: imports, the oldest and newest rows, the row
+    count (an erasure removes rows), the social categories and the time zone."""
+    imported = conn.execute("SELECT coalesce(max(updated), 0), count(*) FROM imports").fetchone()
+    rows = conn.execute("SELECT min(rowid), max(rowid), count(*) FROM usage").fetchone()
+    return [list(imported), list(rows), sorted(social), str(tz)]
+
+
+def _read_trend(cache_dir: Path, week: str, marker: list
+                ) -> tuple[dict[tuple[str, str], Cell], dict[str, Cell]] | None:
+    try:
+        data = json.loads((cache_dir / f"trend-{week}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if data.get("marker") != marker:
+        return None
+    users = {(u, r): Cell(req, blk, 0) for u, r, req, blk in data["users"]}
+    categories = {c: Cell(req, blk, 0) for c, (req, blk) in data["categories"].items()}
+    return users, categories
+
+
+def _write_trend(cache_dir: Path, week: str, marker: list,
+                 totals: tuple[dict[tuple[str, str], Cell], dict[str, Cell]]) -> None:
+    """Keep a week's totals (user names and counts only), written atomically, mode 0600."""
+    users, categories = totals
+    data = {"week": week, "marker": marker,
+            "users": [[u, r, c.requests, c.blocked] for (u, r), c in users.items()],
+            "categories": {c: [cell.requests, cell.blocked] for c, cell in categories.items()}}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = cache_dir / f".trend-{week}.json.tmp"
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        tmp.chmod(0o600)
+        os.replace(tmp, cache_dir / f"trend-{week}.json")
+    except OSError as exc:  # a cache that cannot be written only costs time
+        log.warning("report cache not written: %s", exc)
+
+
+def clear_cache(cache_dir: Path) -> int:
+    """Delete the cached trend totals (after erasing a person: they hold user names)."""
+    removed = 0
+    for path in Path(cache_dir).glob("trend-*.json"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _add(total: Cell, cell: Cell) -> None:

@@ -135,7 +135,7 @@ def test_import_events_alerts_report_export_purge_backup(tmp_path: Path) -> None
     out = filterd("import", "squid-log", str(log), env_home=home)
     assert out.returncode == 0, out.stderr
     assert "3 imported" in out.stdout or "3 lines" in out.stdout
-    again = filterd("import", "squid-log", str(log), env_home=home)
+    again = filterd("import", "squid-log", str(log), "--workers", "1", env_home=home)
     assert again.returncode == 0 and "0 imported" in again.stdout  # nothing counted twice
 
     rows = [json.loads(l) for l in filterd("events", "--json", env_home=home).stdout.splitlines()]

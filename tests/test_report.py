@@ -469,3 +469,35 @@ def test_chromium_screenshot_and_pdf(weekly: report.WeeklyReport, tmp_path: Path
 ])
 def test_csv_cells_cannot_become_formulas(value: object, expected: object) -> None:
     assert report._csv_safe(value) == expected
+
+
+def test_cached_earlier_weeks_give_the_same_report_and_follow_imports(tmp_path: Path, users) -> None:
+    """The trend cache: a second build reads the earlier weeks from it; an import into a past
+    week moves the cache key, so the figures are read again, exactly."""
+    db = tmp_path / "filterd.db"
+    earlier = [v(at("2026-03-10T10:00:00"), "alice", "pupil", "www.facebook.com", FB, "contact"),
+               v(at("2026-03-17T10:00:00"), "carol", "pupil", "chat.example", CHAT, "contact")]
+    with Store(db).open() as store:
+        store.record_batch([*synthetic_week(), *earlier], source="import")
+    cache = tmp_path / "cache"
+
+    def build(cache_dir):
+        return report.build_weekly(db, WEEK, tz=LONDON, directory=users, social_categories=["social_media"],
+                                   groups=GROUPS, cache_dir=cache_dir)
+
+    plain = build(None)
+    first = build(cache)
+    assert sorted(p.name for p in cache.iterdir()) == [f"trend-2026-W{n:02d}.json" for n in (9, 10, 11, 12)]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in cache.iterdir())
+    second = build(cache)
+    assert plain.csv_text() == first.csv_text() == second.csv_text()
+    assert plain.trend == first.trend == second.trend
+    w11 = plain.trend["social_media"][2].requests
+
+    with Store(db).open() as store:  # a backfill into W11
+        store.record_batch([v(at("2026-03-11T10:00:00"), "alice", "pupil", "www.facebook.com", FB, "contact")],
+                           source="import", import_source="x", import_path="x", import_offset=1, import_lines=1)
+    after = build(cache)
+    assert after.trend["social_media"][2].requests == w11 + 1
+    assert after.trend == build(None).trend
+    assert report.clear_cache(cache) == 4 and not list(cache.glob("trend-*.json"))
