@@ -165,7 +165,7 @@ class Daemon:
             try:
                 config = await loop.run_in_executor(None, config_mod.load, self.config_path)
                 new = await loop.run_in_executor(None, lambda: pipeline_mod.build(config, leases=self.leases))
-                new_settings = settings(config, self.tz)
+                new_settings = await loop.run_in_executor(None, settings, config, self.tz)  # reads the logo
             except FilterdError as exc:
                 log.error("reload (%s) failed, keeping the last good state: %s", why, exc)
                 self._watch = snapshot(watched_files(self.config))
