@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from filterd.detect import DEFAULT_DOH_HOSTS
-from filterd.errors import FilterdError, read_text
+from filterd.errors import FilterdError, parse_toml, read_text
 from filterd.resources import shipped
 from filterd.verdict import ACTIONS, WINDOWS
 
@@ -167,12 +166,7 @@ def load(path: str | Path | None = None) -> Config:
     """Read and validate a config file (the embedded default when ``path`` is None)."""
     file = Path(path) if path else default_path()
     text = read_text(file, "config file")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        match = re.search(r"line (\d+)", str(exc))
-        raise FilterdError(f"not valid TOML: {exc}", file=file,
-                           line=int(match.group(1)) if match else None) from None
+    raw = parse_toml(text, file)
     return parse(raw, file=file.resolve(), text=text)
 
 

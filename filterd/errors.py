@@ -49,3 +49,16 @@ def read_text(path: Path, what: str, *, bom: bool = False) -> str:
         raise FilterdError(f"cannot read {what}: {e.strerror or e}", file=path) from None
     except UnicodeDecodeError as e:
         raise FilterdError(f"{what} is not UTF-8 text: {e.reason}", file=path) from None
+
+
+def parse_toml(text: str, path: Path) -> dict:
+    """TOML text as tables, or one FilterdError with the line tomllib names."""
+    import re
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        match = re.search(r"line (\d+)", str(e))
+        raise FilterdError(f"not valid TOML: {e}", file=path,
+                           line=int(match.group(1)) if match else None) from None

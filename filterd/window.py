@@ -50,14 +50,13 @@ import bisect
 import csv
 import json
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from filterd.errors import FilterdError, read_text
+from filterd.errors import FilterdError, parse_toml, read_text
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DAY_ALIASES = {name: i for i, name in enumerate(DAY_NAMES)}
@@ -314,12 +313,7 @@ def parse_timetable(text: str, path: Path | str = "<timetable>", *,
     """Parse and validate timetable TOML text; errors name ``path``, the line and the field."""
     path = Path(path)
     w = _Where(path, text)
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"\(at line (\d+)", str(e))
-        raise FilterdError(f"not valid TOML: {e}", file=path,
-                           line=int(m.group(1)) if m else None) from None
+    raw = parse_toml(text, path)
 
     for k in raw:
         if k not in _TOP_KEYS:
